@@ -1,0 +1,56 @@
+"""The public entry points ``refattn.forward`` and ``refattn.backward``."""
+
+from __future__ import annotations
+
+from . import backends
+from .contract import Grads, Result, check_backward_inputs, make_problem
+
+
+def forward(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=None,
+            backend: str = "dense") -> Result:
+    """Attention forward: ``Result(out, lse)`` (spec/semantics.md).
+
+    Parameters
+    ----------
+    q, k, v : arrays of shape (B, H, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv)
+        One dtype among float16, bfloat16 (ml_dtypes), float32, float64; finite.
+        ``H % Hkv == 0``; query head ``h`` reads kv head ``h // (H // Hkv)``.
+    mask : refattn.Mask or None
+        Allowed (query, key) entries, ``(Lq, Lk)`` or per group ``(Bm, Hm, Lq, Lk)``;
+        None means every key is allowed.
+    scale : float, default ``1 / sqrt(D)``
+    softcap : float > 0 or None
+        ``S <- softcap * tanh(S / softcap)`` after scaling.
+    bias : array broadcastable to (B, H, Lq, Lk), refattn.SparseBias, refattn.ALiBi or None
+        Added after the softcap.
+    dropout : refattn.Dropout or None
+        Explicit keep-mask on the mask's nonzeros; ``O = (P * Z / (1 - p)) V``.
+    backend : str
+        One of ``refattn.backends.names()``.
+
+    Returns
+    -------
+    Result(out, lse)
+        ``out`` (B, H, Lq, Dv) and ``lse`` (B, H, Lq), natural log; a row with no
+        allowed key has ``out = 0`` and ``lse = -inf``. The dense backend returns float64.
+    """
+    impl = backends.get(backend)
+    problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout)
+    return impl.forward(problem)
+
+
+def backward(q, k, v, out, lse, dout, mask=None, *, scale=None, softcap=None, bias=None,
+             dropout=None, dlse=None, backend: str = "dense") -> Grads:
+    """Attention backward: ``Grads(dq, dk, dv, dbias)`` (spec/backward.md).
+
+    Takes the forward's inputs and its ``out`` and ``lse``, the upstream gradient
+    ``dout`` (shape of ``out``) and optionally ``dlse`` (shape of ``lse``).
+    Probabilities are recomputed from ``lse``, never stored. ``lse`` must be -inf
+    exactly on the rows with no allowed key. ``dk``/``dv`` sum over the query heads
+    of each GQA group; ``dbias`` has the layout of ``bias`` (for `ALiBi`, the
+    gradient with respect to its slopes), or is None without a bias.
+    """
+    impl = backends.get(backend)
+    problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout)
+    out, lse, dout, dlse = check_backward_inputs(problem, out, lse, dout, dlse)
+    return impl.backward(problem, out, lse, dout, dlse)

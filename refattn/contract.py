@@ -1,0 +1,259 @@
+"""The one contract every backend implements, and the validation in front of it.
+
+`make_problem` turns the public arguments of ``refattn.forward`` into a validated
+`Problem`; `check_backward_inputs` does the same for what ``refattn.backward`` adds.
+Backends receive only validated input, so they never re-check it and never see a
+value that could silently produce a wrong number (spec/semantics.md, "Validation").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import ml_dtypes
+import numpy as np
+
+from .bias import ALiBi, SparseBias
+from .dropout import Dropout
+from .errors import RefattnError
+from .mask import Mask
+from .nonzero_values import check_against_mask
+
+#: Input dtypes every backend accepts for q, k, v.
+SUPPORTED_DTYPES = (
+    np.dtype(np.float16),
+    np.dtype(ml_dtypes.bfloat16),
+    np.dtype(np.float32),
+    np.dtype(np.float64),
+)
+
+
+class Result(NamedTuple):
+    """Forward result: ``out`` of shape (B, H, Lq, Dv), ``lse`` of shape (B, H, Lq)."""
+
+    out: np.ndarray
+    lse: np.ndarray
+
+
+class Grads(NamedTuple):
+    """Backward result. ``dq``, ``dk``, ``dv`` have the shapes of q, k, v; ``dbias``
+    has the layout of the bias that was given (None without a bias)."""
+
+    dq: np.ndarray
+    dk: np.ndarray
+    dv: np.ndarray
+    dbias: object = None
+
+
+@dataclass(frozen=True, eq=False)
+class DenseBias:
+    """A dense bias, viewed as 4-D ``(Bb, Hb, Lqb, Lkb)`` (each 1 or full) for broadcasting;
+    ``shape`` is the shape the caller gave, which ``dbias`` takes back."""
+
+    values: np.ndarray  # float64, 4-D
+    shape: tuple[int, ...]
+
+    def block(self, b: int, h: int, rows: slice, lq: int, lk: int) -> np.ndarray:
+        """The ``(rows, Lk)`` slice for batch b, head h (broadcast, read-only view)."""
+        bb, hb, lqb, _ = self.values.shape
+        x = self.values[b if bb > 1 else 0, h if hb > 1 else 0]
+        x = x[rows] if lqb > 1 else x
+        return np.broadcast_to(x, (rows.stop - rows.start, lk))
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """Validated inputs of one attention call (shapes as in spec/semantics.md)."""
+
+    q: np.ndarray  # (B, H, Lq, D), a supported dtype, finite
+    k: np.ndarray  # (B, Hkv, Lk, D), same dtype
+    v: np.ndarray  # (B, Hkv, Lk, Dv), same dtype
+    mask: Mask
+    scale: float
+    softcap: float | None
+    bias: DenseBias | SparseBias | ALiBi | None
+    dropout: Dropout | None
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def lq(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def lk(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def dim_v(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head: query head h reads kv head ``h // group_size``."""
+        return self.heads // self.kv_heads
+
+
+def _as_float_array(x, name: str, *, ndim: int | None = None) -> np.ndarray:
+    """``np.asarray(x)`` checked to be a supported floating dtype (and rank)."""
+    try:
+        a = np.asarray(x)
+    except Exception as e:  # objects numpy cannot convert
+        raise RefattnError(f"{name}: cannot be converted to an array ({e})") from None
+    if a.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise RefattnError(f"{name}: dtype must be one of {names}; got {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise RefattnError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
+    return a
+
+
+def first_nonfinite(a: np.ndarray) -> tuple[int, ...] | None:
+    """Index of the first (C order) non-finite element of ``a``, or None."""
+    fin = np.isfinite(a)
+    if fin.all():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(~fin.ravel())[0]), a.shape))
+
+
+def require_finite(a: np.ndarray, name: str) -> None:
+    """Raise `RefattnError` naming ``name`` and the first non-finite index."""
+    idx = first_nonfinite(a)
+    if idx is not None:
+        raise RefattnError(f"{name}: non-finite value {a[idx]} at index {list(idx)}; inputs must be finite")
+
+
+def _real_number(x, name: str) -> float:
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise RefattnError(f"{name} must be a real number, got {x!r}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise RefattnError(f"{name} must be finite, got {x}")
+    return x
+
+
+def make_problem(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=None) -> Problem:
+    """Validate forward arguments (spec/semantics.md) and return a `Problem`."""
+    q = _as_float_array(q, "q", ndim=4)
+    k = _as_float_array(k, "k", ndim=4)
+    v = _as_float_array(v, "v", ndim=4)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise RefattnError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if min(a.shape) < 1:
+            raise RefattnError(f"{name}: every dimension must be >= 1, got shape {a.shape}")
+    B, H, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise RefattnError(f"batch: q has B = {B} but k has {k.shape[0]} and v has {v.shape[0]}")
+    if k.shape[3] != D:
+        raise RefattnError(f"k: head dim D = {k.shape[3]} must equal q's D = {D}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise RefattnError(
+            f"v: (Hkv, Lk) = {v.shape[1:3]} must equal k's (Hkv, Lk) = {k.shape[1:3]}"
+        )
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if H % Hkv != 0:
+        raise RefattnError(f"heads: q has H = {H} heads, k/v have Hkv = {Hkv}; H % Hkv must be 0")
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        require_finite(a, name)
+
+    if mask is None:
+        mask = Mask.full(Lq, Lk)
+    elif not isinstance(mask, Mask):
+        raise RefattnError(
+            f"mask must be a refattn.Mask (Mask.from_dense / from_csr / a pattern) or None, "
+            f"got {type(mask).__name__}"
+        )
+    mask.check_compatible(B, H, Lq, Lk)
+
+    scale = 1.0 / math.sqrt(D) if scale is None else _real_number(scale, "scale")
+    if softcap is not None:
+        softcap = _real_number(softcap, "softcap")
+        if softcap <= 0:
+            raise RefattnError(f"softcap must be > 0 (use None to disable it), got {softcap}")
+
+    bias = _check_bias(bias, mask, B, H, Lq, Lk)
+
+    if dropout is not None:
+        if not isinstance(dropout, Dropout):
+            raise RefattnError(
+                f"dropout must be a refattn.Dropout(p, keep) or None, got {type(dropout).__name__}"
+            )
+        check_against_mask(dropout.grid, mask, B, H, "dropout.keep")
+
+    return Problem(q, k, v, mask, scale, softcap, bias, dropout)
+
+
+def _check_bias(bias, mask: Mask, B: int, H: int, Lq: int, Lk: int):
+    if bias is None:
+        return None
+    if isinstance(bias, SparseBias):
+        check_against_mask(bias.grid, mask, B, H, "bias (SparseBias.values)")
+        return bias
+    if isinstance(bias, ALiBi):
+        if bias.slopes.shape[0] != H:
+            raise RefattnError(
+                f"bias (ALiBi.slopes): expected one slope per query head, shape ({H},); "
+                f"got {bias.slopes.shape}"
+            )
+        return bias
+    a = _as_float_array(bias, "bias")
+    target = (B, H, Lq, Lk)
+    if a.ndim > 4 or any(n not in (1, t) for n, t in zip(a.shape[::-1], target[::-1])):
+        raise RefattnError(
+            f"bias: shape {a.shape} does not broadcast to (B, H, Lq, Lk) = {target}; "
+            "each axis must be 1 or full (or pass SparseBias / ALiBi)"
+        )
+    require_finite(a, "bias")
+    values = a.astype(np.float64).reshape((1,) * (4 - a.ndim) + a.shape)
+    return DenseBias(values, a.shape)
+
+
+def check_backward_inputs(p: Problem, out, lse, dout, dlse):
+    """Validate what backward adds to a `Problem`; return float64 (out, lse, dout, dlse)."""
+    B, H, Lq, Dv = p.batch, p.heads, p.lq, p.dim_v
+    out = _as_float_array(out, "out", ndim=4)
+    dout = _as_float_array(dout, "dout", ndim=4)
+    lse = _as_float_array(lse, "lse", ndim=3)
+    for name, a, want in (("out", out, (B, H, Lq, Dv)), ("dout", dout, (B, H, Lq, Dv)),
+                          ("lse", lse, (B, H, Lq))):
+        if a.shape != want:
+            raise RefattnError(f"{name}: expected shape {want}, got {a.shape}")
+    require_finite(out, "out")
+    require_finite(dout, "dout")
+    lse = lse.astype(np.float64)
+    # LSE is -inf exactly on the rows with no allowed key (spec: "Empty rows"), and finite
+    # elsewhere; anything else would make P = exp(S - LSE) meaningless.
+    for b in range(B):
+        for h in range(H):
+            empty = p.mask.row_counts(b, h) == 0
+            row = lse[b, h]
+            bad = np.isnan(row) | (row == np.inf) | (np.isneginf(row) != empty)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                what = "has no allowed key, so LSE must be -inf" if empty[i] else \
+                    "has allowed keys, so LSE must be finite"
+                raise RefattnError(f"lse: lse[{b}, {h}, {i}] = {row[i]}, but row {i} {what}")
+    if dlse is not None:
+        dlse = _as_float_array(dlse, "dlse", ndim=3)
+        if dlse.shape != (B, H, Lq):
+            raise RefattnError(f"dlse: expected shape {(B, H, Lq)}, got {dlse.shape}")
+        require_finite(dlse, "dlse")
+        dlse = dlse.astype(np.float64)
+    return out.astype(np.float64), lse, dout.astype(np.float64), dlse
