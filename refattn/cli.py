@@ -1,0 +1,178 @@
+"""The ``refattn`` command line.
+
+Each subcommand is a small pair of functions: ``add_<name>(subparsers)`` declares its
+arguments and ``cmd_<name>(args) -> int`` runs it. `COMMANDS` lists them; adding a
+subcommand means adding a pair there. Exit status: 0 success, 1 a refattn error
+(bad input: the message goes to stderr), 2 a usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+
+import ml_dtypes
+import numpy as np
+
+from . import __version__, backends, patterns
+from .alignment import ALIGNMENTS, DEFAULT_ALIGN
+from .attention import backward, forward
+from .errors import RefattnError
+
+DTYPES = {
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def checksum(x: np.ndarray) -> dict:
+    """A summary that identifies an array: its float64 sum over finite entries, the number
+    of -inf entries, and the sha256 of its float64 little-endian bytes (bitwise: it can
+    differ between machines in the last bit of ``exp``; compare sums across machines)."""
+    x = np.ascontiguousarray(x, dtype="<f8")
+    finite = np.isfinite(x)
+    return {
+        "sum": float(x[finite].sum()),
+        "neg_inf": int(np.isneginf(x).sum()),
+        "sha256": hashlib.sha256(x.tobytes()).hexdigest()[:16],
+    }
+
+
+# ---- refattn run ------------------------------------------------------------------------
+def add_run(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run attention on seeded random inputs and print shapes, nnz, time and checksums",
+        description="Run attention forward (and --backward) on inputs drawn from "
+        "numpy.random.default_rng(SEED): q, k, v, then dout, each standard normal in "
+        "float64 and then cast to --dtype.",
+    )
+    p.add_argument("--batch", type=_positive_int, default=1, help="B (default 1)")
+    p.add_argument("--heads", type=_positive_int, default=1, help="query heads H (default 1)")
+    p.add_argument("--kv-heads", type=_positive_int, default=None,
+                   help="key/value heads Hkv, dividing H (default: H)")
+    p.add_argument("--lq", type=_positive_int, default=128, help="query length (default 128)")
+    p.add_argument("--lk", type=_positive_int, default=None, help="key length (default: --lq)")
+    p.add_argument("--dim", type=_positive_int, default=64, help="head dim D (default 64)")
+    p.add_argument("--dim-v", type=_positive_int, default=None, help="value dim Dv (default: D)")
+    p.add_argument("--pattern", choices=["dense", "causal"], default="dense",
+                   help="mask pattern (default dense)")
+    p.add_argument("--align", choices=ALIGNMENTS, default=DEFAULT_ALIGN,
+                   help=f"causal alignment when Lq != Lk (default {DEFAULT_ALIGN})")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="input dtype (default float32)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
+    p.add_argument("--backend", default="dense",
+                   help=f"backend, one of {backends.names()} (default dense)")
+    p.add_argument("--backward", action="store_true", help="also run the backward")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _make_inputs(args):
+    H = args.heads
+    Hkv = args.kv_heads or H
+    Lk = args.lk or args.lq
+    Dv = args.dim_v or args.dim
+    rng = np.random.default_rng(args.seed)
+    dt = DTYPES[args.dtype]
+    q = rng.standard_normal((args.batch, H, args.lq, args.dim)).astype(dt)
+    k = rng.standard_normal((args.batch, Hkv, Lk, args.dim)).astype(dt)
+    v = rng.standard_normal((args.batch, Hkv, Lk, Dv)).astype(dt)
+    dout = rng.standard_normal((args.batch, H, args.lq, Dv))
+    pat = patterns.get(args.pattern, **({"align": args.align} if args.pattern == "causal" else {}))
+    return q, k, v, dout, pat
+
+
+def cmd_run(args) -> int:
+    q, k, v, dout, pat = _make_inputs(args)
+    mask = pat.mask(q.shape[2], k.shape[2])
+    report = {
+        "refattn": __version__,
+        "backend": args.backend,
+        "pattern": pat.to_dict(),
+        "dtype": args.dtype,
+        "q": list(q.shape), "k": list(k.shape), "v": list(v.shape),
+        "nnz": mask.nnz, "density": mask.density,
+    }
+    t0 = time.perf_counter()
+    r = forward(q, k, v, mask, backend=args.backend)
+    report["forward_s"] = time.perf_counter() - t0
+    report["out"] = checksum(r.out)
+    report["lse"] = checksum(r.lse)
+    if args.backward:
+        t0 = time.perf_counter()
+        g = backward(q, k, v, r.out, r.lse, dout, mask, backend=args.backend)
+        report["backward_s"] = time.perf_counter() - t0
+        for name in ("dq", "dk", "dv"):
+            report[name] = checksum(getattr(g, name))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"refattn {__version__}  backend={args.backend}  pattern={pat.to_dict()}  dtype={args.dtype}")
+    print(f"q {tuple(q.shape)}  k {tuple(k.shape)}  v {tuple(v.shape)}")
+    print(f"mask nnz={mask.nnz}  density={mask.density:.6g}")
+    print(f"forward   {report['forward_s'] * 1e3:10.2f} ms")
+    if args.backward:
+        print(f"backward  {report['backward_s'] * 1e3:10.2f} ms")
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        if name in report:
+            c = report[name]
+            extra = f"  -inf={c['neg_inf']}" if c["neg_inf"] else ""
+            print(f"{name:<4} sum={c['sum']:+.17g}  sha256={c['sha256']}{extra}")
+    return 0
+
+
+COMMANDS = [("run", add_run, cmd_run)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refattn",
+        description="refattn: the reference engine and specification for attention.",
+    )
+    parser.add_argument("--version", action="version", version=f"refattn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, add, run in COMMANDS:
+        add(sub)
+        sub.choices[name].set_defaults(_run=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._run(args)
+    except RefattnError as e:
+        print(f"refattn {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
