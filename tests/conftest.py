@@ -1,0 +1,24 @@
+"""Shared helpers for the test suite."""
+
+import numpy as np
+import pytest
+
+
+def random_qkv(rng, B=1, H=2, Hkv=None, Lq=5, Lk=None, D=3, Dv=None, dtype=np.float64):
+    """Standard-normal q, k, v (float64 draw, then cast)."""
+    Hkv = Hkv or H
+    Lk = Lk or Lq
+    Dv = Dv or D
+    q = rng.standard_normal((B, H, Lq, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, Lk, Dv)).astype(dtype)
+    return q, k, v
+
+
+def random_bool(rng, shape, density=0.6):
+    return rng.random(shape) < density
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261123)
