@@ -1,0 +1,192 @@
+"""Every kind of bad input gets a RefattnError naming the argument (spec/semantics.md §9)."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import refattn
+from refattn import ALiBi, Dropout, Mask, RefattnError, SparseBias
+
+from .conftest import random_qkv
+
+
+@pytest.fixture
+def qkv(rng):
+    return random_qkv(rng, 2, 4, 2, 5, 6, 3, 2)
+
+
+def test_refattn_error_is_a_value_error():
+    assert issubclass(RefattnError, ValueError)
+
+
+@pytest.mark.parametrize("which, shape, message", [
+    ("q", (2, 4, 5), "q: expected a 4-D array"),
+    ("k", (2, 2, 6, 3, 1), "k: expected a 4-D array"),
+    ("k", (2, 2, 6, 4), r"k: head dim D = 4 must equal q's D = 3"),
+    ("v", (2, 2, 7, 2), r"v: \(Hkv, Lk\) = \(2, 7\) must equal k's"),
+    ("k", (1, 2, 6, 3), "batch: q has B = 2 but k has 1"),
+    ("k", (2, 3, 6, 3), None),  # H % Hkv: checked with v reshaped too, below
+    ("q", (2, 4, 0, 3), r"q: every dimension must be >= 1"),
+])
+def test_shape_errors(qkv, rng, which, shape, message):
+    q, k, v = qkv
+    args = {"q": q, "k": k, "v": v}
+    args[which] = rng.standard_normal(shape)
+    if message is None:
+        args["v"] = rng.standard_normal((2, 3, 6, 2))
+        message = "heads: q has H = 4 heads, k/v have Hkv = 3; H % Hkv must be 0"
+    with pytest.raises(RefattnError, match=message):
+        refattn.forward(args["q"], args["k"], args["v"])
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.complex128, np.longdouble,
+                                   ml_dtypes.float8_e4m3fn])
+def test_unsupported_dtypes(qkv, dtype):
+    q, k, v = qkv
+    with pytest.raises(RefattnError, match=r"q: dtype must be one of float16, bfloat16, float32, float64"):
+        refattn.forward(q.astype(dtype), k.astype(dtype), v.astype(dtype))
+
+
+def test_mixed_dtypes(qkv):
+    q, k, v = qkv
+    with pytest.raises(RefattnError, match="q, k, v must share one dtype; got float32, float64, float64"):
+        refattn.forward(q.astype(np.float32), k, v)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_name_tensor_and_index(qkv, which, bad):
+    args = dict(zip("qkv", (x.copy() for x in qkv)))
+    args[which][1, 0, 2, 1] = bad
+    args[which][1, 1, 0, 0] = bad  # a later one: the first in C order is reported
+    with pytest.raises(RefattnError, match=rf"{which}: non-finite value {bad} at index \[1, 0, 2, 1\]"):
+        refattn.forward(args["q"], args["k"], args["v"])
+
+
+def test_non_finite_in_half_precision(qkv):
+    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in qkv)
+    q[0, 0, 0, 0] = np.inf
+    with pytest.raises(RefattnError, match=r"q: non-finite value inf at index \[0, 0, 0, 0\]"):
+        refattn.forward(q, k, v)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(scale=np.nan), "scale must be finite"),
+    (dict(scale="0.5"), "scale must be a real number"),
+    (dict(scale=True), "scale must be a real number"),
+    (dict(softcap=0.0), r"softcap must be > 0 \(use None to disable it\)"),
+    (dict(softcap=-1.0), "softcap must be > 0"),
+    (dict(softcap=np.inf), "softcap must be finite"),
+    (dict(mask=np.ones((5, 6), bool)), "mask must be a refattn.Mask"),
+    (dict(mask=Mask.full(6, 5)), r"mask: shape \(Lq, Lk\) = \(6, 5\) does not match"),
+    (dict(bias=np.zeros((3, 5, 6))), r"bias: shape \(3, 5, 6\) does not broadcast to \(B, H, Lq, Lk\) = \(2, 4, 5, 6\)"),
+    (dict(bias=np.zeros((1, 1, 1, 1, 6))), "bias: shape .* does not broadcast"),
+    (dict(bias=np.zeros((5, 6), np.int64)), "bias: dtype must be one of"),
+    (dict(bias=ALiBi([1.0, 2.0])), r"ALiBi.slopes\): expected one slope per query head, shape \(4,\)"),
+    (dict(bias=SparseBias(np.zeros(3))), "has 3 values but the mask group there has nnz = 30"),
+    (dict(bias=SparseBias(np.zeros((3, 1, 30)))), r"grid shape \(Bv, Hv\) = \(3, 1\) does not broadcast"),
+    (dict(dropout=0.1), r"dropout must be a refattn.Dropout\(p, keep\)"),
+    (dict(dropout=Dropout(0.1, np.ones(29, bool))), "dropout.keep: batch 0, head 0 has 29 values"),
+])
+def test_argument_errors(qkv, kw, message):
+    with pytest.raises(RefattnError, match=message):
+        refattn.forward(*qkv, **kw)
+
+
+def test_non_finite_bias_is_rejected(qkv):
+    bias = np.zeros((5, 6))
+    bias[2, 3] = -np.inf
+    with pytest.raises(RefattnError, match=r"bias: non-finite value -inf at index \[2, 3\]"):
+        refattn.forward(*qkv, bias=bias)
+    with pytest.raises(RefattnError, match=r"non-finite value nan at index 1"):
+        SparseBias(np.array([0.0, np.nan]))
+    with pytest.raises(RefattnError, match="non-finite slope at head 0"):
+        ALiBi([np.inf])
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, np.nan])
+def test_dropout_probability_range(p):
+    with pytest.raises(RefattnError, match=r"dropout.p must be in \[0, 1\)"):
+        Dropout(p, np.ones(3, bool))
+
+
+def test_dropout_keep_must_be_boolean():
+    with pytest.raises(RefattnError, match="dropout.keep.*expected dtype bool, got float64"):
+        Dropout(0.1, np.ones(3))
+
+
+def test_value_grid_shapes():
+    with pytest.raises(RefattnError, match=r"expected shape \(nnz,\) or \(Bv, Hv, nnz\)"):
+        SparseBias(np.zeros((2, 3)))
+    with pytest.raises(RefattnError, match="same non-zero number of arrays"):
+        SparseBias([[np.zeros(2)], []])
+    with pytest.raises(RefattnError, match="expected a 1-D array over the nonzeros"):
+        SparseBias([[np.zeros((2, 2))]])
+
+
+def test_alibi_arguments():
+    with pytest.raises(RefattnError, match=r"ALiBi.align\) must be one of"):
+        ALiBi([1.0], align="center")
+    with pytest.raises(RefattnError, match=r"expected shape \(H,\)"):
+        ALiBi(np.ones((2, 2)))
+    with pytest.raises(RefattnError, match="heads must be an int >= 1"):
+        ALiBi.default_slopes(0)
+
+
+def test_alibi_default_slopes_follow_the_paper():
+    np.testing.assert_allclose(ALiBi.default_slopes(8), 2.0 ** (-np.arange(1, 9)))
+    # Not a power of two: the 4 slopes of n = 4, then every other slope of n = 8.
+    np.testing.assert_allclose(ALiBi.default_slopes(6),
+                               [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
+
+
+def test_unknown_backend(qkv):
+    with pytest.raises(RefattnError, match="backend: unknown backend 'nope'"):
+        refattn.forward(*qkv, backend="nope")
+
+
+class TestBackwardInputs:
+    @pytest.fixture
+    def fwd(self, qkv):
+        r = refattn.forward(*qkv)
+        return qkv, r
+
+    def test_shapes(self, fwd):
+        (q, k, v), r = fwd
+        with pytest.raises(RefattnError, match=r"dout: expected shape \(2, 4, 5, 2\), got \(2, 4, 5, 3\)"):
+            refattn.backward(q, k, v, r.out, r.lse, np.zeros((2, 4, 5, 3)))
+        with pytest.raises(RefattnError, match=r"out: expected shape"):
+            refattn.backward(q, k, v, r.out[:, :2], r.lse, np.zeros(r.out.shape))
+        with pytest.raises(RefattnError, match=r"lse: expected a 3-D array"):
+            refattn.backward(q, k, v, r.out, r.lse[..., None], np.zeros(r.out.shape))
+        with pytest.raises(RefattnError, match=r"dlse: expected shape \(2, 4, 5\)"):
+            refattn.backward(q, k, v, r.out, r.lse, np.zeros(r.out.shape), dlse=np.zeros((2, 4, 6)))
+
+    def test_non_finite(self, fwd):
+        (q, k, v), r = fwd
+        dout = np.zeros(r.out.shape)
+        dout[0, 1, 2, 0] = np.nan
+        with pytest.raises(RefattnError, match=r"dout: non-finite value nan at index \[0, 1, 2, 0\]"):
+            refattn.backward(q, k, v, r.out, r.lse, dout)
+        with pytest.raises(RefattnError, match=r"dlse: non-finite value inf"):
+            refattn.backward(q, k, v, r.out, r.lse, np.zeros(r.out.shape), dlse=np.full(r.lse.shape, np.inf))
+
+    def test_lse_must_match_empty_rows(self, qkv):
+        q, k, v = qkv
+        dm = np.ones((5, 6), bool)
+        dm[3] = False
+        m = Mask.from_dense(dm)
+        r = refattn.forward(q, k, v, m)
+        dout = np.zeros(r.out.shape)
+        lse = r.lse.copy()
+        lse[1, 2, 3] = 0.0
+        with pytest.raises(RefattnError, match=r"lse\[1, 2, 3\] = 0.0, but row 3 has no allowed key, so LSE must be -inf"):
+            refattn.backward(q, k, v, r.out, lse, dout, m)
+        lse = r.lse.copy()
+        lse[0, 0, 0] = -np.inf
+        with pytest.raises(RefattnError, match=r"row 0 has allowed keys, so LSE must be finite"):
+            refattn.backward(q, k, v, r.out, lse, dout, m)
+        lse = r.lse.copy()
+        lse[0, 0, 1] = np.nan
+        with pytest.raises(RefattnError, match=r"lse\[0, 0, 1\] = nan"):
+            refattn.backward(q, k, v, r.out, lse, dout, m)
