@@ -1,0 +1,116 @@
+"""The `refattn` command line: `--version`, `run`, exit codes and error messages."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import refattn
+from refattn import patterns
+from refattn.cli import checksum, main
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"refattn {refattn.__version__}"
+
+
+@pytest.mark.parametrize("launcher", ["console-script", "python -m"])
+def test_entry_points(launcher):
+    if launcher == "console-script":
+        exe = shutil.which("refattn")
+        assert exe is not None, "the `refattn` console script is not on PATH: is the package installed?"
+        cmd = [exe]
+    else:
+        cmd = [sys.executable, "-m", "refattn"]
+    proc = subprocess.run(cmd + ["--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"refattn {refattn.__version__}"
+
+
+def test_run_text_output(capsys):
+    rc, out, _ = run_cli(capsys, "run", "--heads", "4", "--kv-heads", "2", "--lq", "16", "--lk", "24",
+                         "--dim", "8", "--pattern", "causal", "--backward")
+    assert rc == 0
+    assert "q (1, 4, 16, 8)  k (1, 2, 24, 8)  v (1, 2, 24, 8)" in out
+    nnz = patterns.Causal().mask(16, 24).nnz
+    assert f"mask nnz={nnz}" in out
+    for name in ("forward", "backward", "out ", "lse ", "dq ", "dk ", "dv "):
+        assert name in out
+
+
+def test_run_json_matches_the_library(capsys):
+    rc, out, _ = run_cli(capsys, "run", "--lq", "8", "--lk", "12", "--dim", "4", "--heads", "2",
+                         "--pattern", "causal", "--align", "top_left", "--dtype", "float64",
+                         "--seed", "3", "--backward", "--json")
+    assert rc == 0
+    rep = json.loads(out)
+    assert rep["pattern"] == {"name": "causal", "align": "top_left"}
+    rng = np.random.default_rng(3)  # the draw documented in `refattn run --help`
+    q = rng.standard_normal((1, 2, 8, 4))
+    k = rng.standard_normal((1, 2, 12, 4))
+    v = rng.standard_normal((1, 2, 12, 4))
+    dout = rng.standard_normal((1, 2, 8, 4))
+    m = patterns.Causal(align="top_left").mask(8, 12)
+    r = refattn.forward(q, k, v, m)
+    g = refattn.backward(q, k, v, r.out, r.lse, dout, m)
+    assert rep["nnz"] == m.nnz
+    assert rep["out"] == checksum(r.out) and rep["lse"] == checksum(r.lse)
+    assert rep["dq"] == checksum(g.dq) and rep["dv"] == checksum(g.dv)
+
+
+def test_run_is_reproducible(capsys):
+    args = ("run", "--lq", "8", "--dim", "4", "--json", "--dtype", "bfloat16")
+    a = json.loads(run_cli(capsys, *args)[1])
+    b = json.loads(run_cli(capsys, *args)[1])
+    assert a["out"] == b["out"] and a["lse"] == b["lse"]
+
+
+def test_checksum_counts_empty_rows():
+    c = checksum(np.array([1.0, -np.inf, 2.0]))
+    assert c["sum"] == 3.0 and c["neg_inf"] == 1 and len(c["sha256"]) == 16
+
+
+def test_refattn_error_exits_1_with_message(capsys):
+    rc, out, err = run_cli(capsys, "run", "--heads", "3", "--kv-heads", "2", "--lq", "4")
+    assert rc == 1 and out == ""
+    assert err.strip() == "refattn run: error: heads: q has H = 3 heads, k/v have Hkv = 2; H % Hkv must be 0"
+
+
+def test_unknown_backend_exits_1(capsys):
+    rc, _, err = run_cli(capsys, "run", "--lq", "4", "--backend", "nope")
+    assert rc == 1 and "unknown backend 'nope'" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: COMMAND"),
+    (["run", "--lq", "0"], "argument --lq: expected an integer >= 1, got 0"),
+    (["run", "--seed", "-1"], "argument --seed: expected an integer >= 0"),
+    (["run", "--pattern", "nope"], "argument --pattern: invalid choice"),
+    (["run", "--dtype", "int8"], "argument --dtype: invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys):
+    from refattn.cli import COMMANDS
+    for name, _, _ in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage: refattn " + name in capsys.readouterr().out
