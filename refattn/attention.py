@@ -2,8 +2,37 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import backends
-from .contract import Grads, Result, check_backward_inputs, make_problem
+from .contract import Grads, Result, check_backward_inputs, first_nonfinite, make_problem
+from .errors import RefattnError
+
+
+def _overflow(name: str, idx) -> RefattnError:
+    return RefattnError(
+        f"{name}: the result is not finite at index {list(idx)} although every input is; "
+        "the scores overflow float64 (inputs of extreme magnitude?)"
+    )
+
+
+def _check_result(r: Result) -> Result:
+    """Finite inputs must give a finite ``out`` and an ``lse`` that is finite or -inf."""
+    bad = np.isnan(r.lse) | (r.lse == np.inf)
+    if bad.any():
+        raise _overflow("lse", [int(i) for i in np.unravel_index(int(np.flatnonzero(bad)[0]), r.lse.shape)])
+    idx = first_nonfinite(r.out)
+    if idx is not None:
+        raise _overflow("out", idx)
+    return r
+
+
+def _check_grads(g: Grads) -> Grads:
+    for name in ("dq", "dk", "dv"):
+        idx = first_nonfinite(getattr(g, name))
+        if idx is not None:
+            raise _overflow(name, idx)
+    return g
 
 
 def forward(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=None,
@@ -36,7 +65,8 @@ def forward(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=
     """
     impl = backends.get(backend)
     problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout)
-    return impl.forward(problem)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as an error
+        return _check_result(impl.forward(problem))
 
 
 def backward(q, k, v, out, lse, dout, mask=None, *, scale=None, softcap=None, bias=None,
@@ -53,4 +83,5 @@ def backward(q, k, v, out, lse, dout, mask=None, *, scale=None, softcap=None, bi
     impl = backends.get(backend)
     problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout)
     out, lse, dout, dlse = check_backward_inputs(problem, out, lse, dout, dlse)
-    return impl.backward(problem, out, lse, dout, dlse)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _check_grads(impl.backward(problem, out, lse, dout, dlse))

@@ -190,3 +190,19 @@ class TestBackwardInputs:
         lse[0, 0, 1] = np.nan
         with pytest.raises(RefattnError, match=r"lse\[0, 0, 1\] = nan"):
             refattn.backward(q, k, v, r.out, lse, dout, m)
+
+
+def test_overflowing_scores_are_an_error_not_an_empty_row():
+    # S = 1e400 overflows to +inf: the row has an allowed key, so it must not be taken as empty.
+    q = np.full((1, 1, 2, 1), 1e200)
+    k = np.full((1, 1, 3, 1), 1e200)
+    with pytest.raises(RefattnError, match=r"lse: the result is not finite at index \[0, 0, 0\]"):
+        refattn.forward(q, k, np.ones((1, 1, 3, 1)))
+
+
+def test_overflow_in_backward_is_an_error(rng):
+    q, k, v = random_qkv(rng, 1, 1, 1, 2, 3, 1)
+    r = refattn.forward(q, k, v)
+    lse = r.lse - 800.0  # finite, but inconsistent: exp(S - lse) overflows
+    with pytest.raises(RefattnError, match="dq: the result is not finite|dv: the result is not finite|dk: the result"):
+        refattn.backward(q, k, v, r.out, lse, np.ones(r.out.shape))

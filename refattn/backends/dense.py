@@ -94,7 +94,7 @@ def forward(p: Problem) -> Result:
                 allowed = _allowed(p, b, h, rows)
                 S = np.where(allowed, S, -np.inf)
                 m = S.max(axis=1)
-                nonempty = np.isfinite(m)
+                nonempty = allowed.any(axis=1)  # from the mask: a +inf score is not an empty row
                 # L = m + log(sum_j exp(S_ij - m)) on rows with an allowed key; -inf otherwise.
                 Lc = np.full(m.shape, -np.inf)
                 Lc[nonempty] = m[nonempty] + np.log(
