@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .alignment import DEFAULT_ALIGN, check_align
+from .alignment import DEFAULT_ALIGN, align_offset, check_align
 from .errors import RefattnError
 from .nonzero_values import ValueGrid, as_value_grid
 
@@ -84,16 +84,13 @@ class ALiBi:
             slopes += power_of_two(2 * m)[0::2][: heads - m]
         return np.array(slopes, dtype=np.float64)
 
-    def block(self, h: int, rows: slice, lq: int, lk: int) -> np.ndarray:
-        """Dense ``(rows, Lk)`` bias of query head ``h`` (oracle use)."""
-        off = 0 if self.align == "top_left" else lk - lq
-        i = np.arange(rows.start, rows.stop, dtype=np.float64)[:, None] + off
-        j = np.arange(lk, dtype=np.float64)[None, :]
-        return -self.slopes[h] * np.abs(j - i)
-
     def distance(self, rows: slice, lq: int, lk: int) -> np.ndarray:
-        """``-|j - (i + offset)|``: the derivative of the bias with respect to a slope."""
-        off = 0 if self.align == "top_left" else lk - lq
-        i = np.arange(rows.start, rows.stop, dtype=np.float64)[:, None] + off
+        """``-|j - (i + offset)|`` on ``(rows, Lk)``: the bias per unit slope, hence also
+        the derivative of the bias with respect to a slope."""
+        i = np.arange(rows.start, rows.stop, dtype=np.float64)[:, None] + align_offset(self.align, lq, lk)
         j = np.arange(lk, dtype=np.float64)[None, :]
         return -np.abs(j - i)
+
+    def block(self, h: int, rows: slice, lq: int, lk: int) -> np.ndarray:
+        """Dense ``(rows, Lk)`` bias of query head ``h`` (oracle use)."""
+        return self.slopes[h] * self.distance(rows, lq, lk)

@@ -94,8 +94,8 @@ def test_unknown_backend_exits_1(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     ([], "the following arguments are required: COMMAND"),
-    (["run", "--lq", "0"], "argument --lq: expected an integer >= 1, got 0"),
-    (["run", "--seed", "-1"], "argument --seed: expected an integer >= 0"),
+    (["run", "--lq", "0"], "argument --lq: expected an integer >= 1, got '0'"),
+    (["run", "--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
     (["run", "--pattern", "nope"], "argument --pattern: invalid choice"),
     (["run", "--dtype", "int8"], "argument --dtype: invalid choice"),
     (["frobnicate"], "invalid choice"),
