@@ -17,7 +17,7 @@ DEFAULT_ALIGN = "bottom_right"
 
 def check_align(align, name: str = "align") -> str:
     """Return ``align`` if it is a known alignment, else raise `RefattnError`."""
-    if align not in ALIGNMENTS:
+    if not isinstance(align, str) or align not in ALIGNMENTS:
         raise RefattnError(f"{name} must be one of {ALIGNMENTS}, got {align!r}")
     return align
 

@@ -32,6 +32,12 @@ def _check_grads(g: Grads) -> Grads:
         idx = first_nonfinite(getattr(g, name))
         if idx is not None:
             raise _overflow(name, idx)
+    if g.dbias is not None:
+        leaves = [g.dbias] if isinstance(g.dbias, np.ndarray) else [x for row in g.dbias for x in row]
+        for leaf in leaves:
+            idx = first_nonfinite(leaf)
+            if idx is not None:
+                raise _overflow("dbias", idx)
     return g
 
 

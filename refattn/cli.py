@@ -68,8 +68,9 @@ def add_run(sub) -> None:
         "run",
         help="run attention on seeded random inputs and print shapes, nnz, time and checksums",
         description="Run attention forward (and --backward) on inputs drawn from "
-        "numpy.random.default_rng(SEED): q, k, v, then dout, each standard normal in "
-        "float64 and then cast to --dtype.",
+        "numpy.random.default_rng(SEED): q, k, v, each standard normal in float64 and then "
+        "cast to --dtype, then dout, standard normal in float64. --align applies to "
+        "--pattern causal only.",
     )
     p.add_argument("--batch", type=_positive_int, default=1, help="B (default 1)")
     p.add_argument("--heads", type=_positive_int, default=1, help="query heads H (default 1)")
@@ -108,6 +109,8 @@ def _make_inputs(args):
 
 
 def cmd_run(args) -> int:
+    if args.pattern != "causal" and args.align != DEFAULT_ALIGN:
+        raise RefattnError(f"--align applies only to --pattern causal, not {args.pattern!r}")
     q, k, v, dout, pat = _make_inputs(args)
     mask = pat.mask(q.shape[2], k.shape[2])
     report = {

@@ -12,22 +12,16 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import ml_dtypes
 import numpy as np
 
 from .bias import ALiBi, SparseBias
 from .dropout import Dropout
 from .errors import RefattnError
 from .mask import Mask
-from .nonzero_values import check_against_mask
+from .nonzero_values import FLOAT_DTYPES, check_against_mask
 
 #: Input dtypes every backend accepts for q, k, v.
-SUPPORTED_DTYPES = (
-    np.dtype(np.float16),
-    np.dtype(ml_dtypes.bfloat16),
-    np.dtype(np.float32),
-    np.dtype(np.float64),
-)
+SUPPORTED_DTYPES = FLOAT_DTYPES
 
 
 class Result(NamedTuple):

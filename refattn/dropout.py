@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import RefattnError
-from .mask import Mask
+from .mask import Mask, _check_dim
 from .nonzero_values import ValueGrid, as_value_grid
 
 
@@ -28,13 +28,7 @@ class Dropout:
     grid: ValueGrid = field(init=False, repr=False)
 
     def __post_init__(self):
-        p = self.p
-        if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
-            raise RefattnError(f"dropout.p must be a real number in [0, 1), got {p!r}")
-        p = float(p)
-        if not (0.0 <= p < 1.0) or math.isnan(p):
-            raise RefattnError(f"dropout.p must be in [0, 1), got {p}")
-        object.__setattr__(self, "p", p)
+        object.__setattr__(self, "p", _check_p(self.p))
         object.__setattr__(self, "grid", as_value_grid(self.keep, "dropout.keep", "bool"))
 
     @classmethod
@@ -48,10 +42,22 @@ class Dropout:
         """
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise RefattnError(f"seed must be an int >= 0, got {seed!r}")
-        if not (0.0 <= float(p) < 1.0):
-            raise RefattnError(f"dropout.p must be in [0, 1), got {p}")
+        p = _check_p(p)
+        if not isinstance(mask, Mask):
+            raise RefattnError(f"mask must be a refattn.Mask, got {type(mask).__name__}")
+        batch, heads = _check_dim(batch, "batch"), _check_dim(heads, "heads")
+        mask.check_compatible(batch, heads, *mask.matrix_shape)
         g = np.random.Generator(np.random.PCG64(int(seed)))
         keep = [[g.random(mask.group(b, h).nnz) >= p for h in range(heads)] for b in range(batch)]
         if len({len(k) for row in keep for k in row}) == 1:
             return cls(p, np.array(keep, dtype=bool).reshape(batch, heads, -1))
         return cls(p, keep)
+
+
+def _check_p(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
+        raise RefattnError(f"dropout.p must be a real number in [0, 1), got {p!r}")
+    p = float(p)
+    if not (0.0 <= p < 1.0) or math.isnan(p):
+        raise RefattnError(f"dropout.p must be in [0, 1), got {p}")
+    return p

@@ -162,12 +162,15 @@ class Mask:
             raise RefattnError(f"Mask.from_csr: expected a 2-D CSR, got ndim={csr.ndim}")
         lq, lk = _parse_matrix_shape(csr.shape, "Mask.from_csr: shape")
         data = np.asarray(csr.data)
-        if data.size and not np.all(data != 0):
-            pos = int(np.flatnonzero(data == 0)[0])
+        if data.dtype.kind not in "biuf":
+            raise RefattnError(f"Mask.from_csr: data must be boolean or real, got dtype {data.dtype}")
+        if data.size and not np.all((data != 0) & ~np.isnan(data)):
+            pos = int(np.flatnonzero((data == 0) | np.isnan(data))[0])
             row = int(np.searchsorted(csr.indptr, pos, side="right") - 1)
             raise RefattnError(
                 f"Mask.from_csr: stored entry {pos} (row {row}, column {csr.indices[pos]}) is "
-                "zero; a mask stores only allowed entries (call .eliminate_zeros() first)"
+                f"{data[pos]}; a mask stores only allowed entries, each nonzero and not NaN "
+                "(call .eliminate_zeros() to drop zeros)"
             )
         return cls._single(_canonical_csr(csr.indptr, csr.indices, (lq, lk), "Mask.from_csr"))
 
@@ -220,13 +223,17 @@ class Mask:
                 "Mask.stack: expected a nested sequence masks[b][h] of 2-D masks, "
                 f"got {type(masks).__name__}"
             )
-        rows = list(masks)
+        try:
+            rows = list(masks)
+            grid = [list(r) for r in rows]
+        except TypeError:
+            raise RefattnError(
+                "Mask.stack: expected a nested sequence masks[b][h] of 2-D masks") from None
         if not rows or any(isinstance(r, (Mask, np.ndarray)) or sp.issparse(r) for r in rows):
             raise RefattnError(
                 "Mask.stack: expected a non-empty nested sequence masks[b][h] "
                 "(for one mask per head, pass [per_head])"
             )
-        grid = [list(r) for r in rows]
         hm = len(grid[0])
         if hm == 0 or any(len(r) != hm for r in grid):
             raise RefattnError(
@@ -296,8 +303,13 @@ class Mask:
         return self.nnz / (len(self._groups) * lq * lk)
 
     def group(self, b: int, h: int) -> sp.csr_array:
-        """The CSR used by batch ``b``, query head ``h`` (size-1 axes broadcast)."""
+        """The CSR used by batch ``b``, query head ``h`` (size-1 axes broadcast, so any
+        ``b >= 0`` is accepted when ``Bm == 1``; negative indices are errors)."""
         bm, hm = self._group_shape
+        for val, n, nm in ((b, bm, "b"), (h, hm, "h")):
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0 or (n > 1 and val >= n):
+                limit = "any int >= 0 (the axis broadcasts)" if n == 1 else f"an int in [0, {n})"
+                raise RefattnError(f"Mask.group: {nm} must be {limit}, got {val!r}")
         return self._groups[(b if bm > 1 else 0) * hm + (h if hm > 1 else 0)]
 
     def iter_groups(self) -> Iterator[tuple[int, int, sp.csr_array]]:
@@ -340,7 +352,7 @@ class Mask:
             for a, b in zip(self._groups, other._groups)
         )
 
-    __hash__ = None  # mutable-looking container semantics: equality by value, not hashable
+    __hash__ = None  # equal by structure; unhashable, as numpy and scipy arrays are
 
     def __repr__(self) -> str:
         return f"Mask(shape={self.shape}, nnz={self.nnz}, density={self.density:.4g})"

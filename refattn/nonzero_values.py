@@ -15,10 +15,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from .errors import RefattnError
 from .mask import Mask
+
+#: Floating dtypes accepted for every float input (q, k, v, biases, gradients).
+FLOAT_DTYPES = (
+    np.dtype(np.float16),
+    np.dtype(ml_dtypes.bfloat16),
+    np.dtype(np.float32),
+    np.dtype(np.float64),
+)
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,10 @@ class ValueGrid:
 
 def as_value_grid(values, name: str, kind: str) -> ValueGrid:
     """Normalise ``values`` (see module docstring); ``kind`` is "float" or "bool"."""
-    if isinstance(values, np.ndarray) or not isinstance(values, (list, tuple)):
+    # values[b][h]: a sequence of sequences; a flat sequence of numbers is the (nnz,) form.
+    nested = isinstance(values, (list, tuple)) and len(values) > 0 and all(
+        isinstance(r, (list, tuple)) for r in values)
+    if not nested or isinstance(values, np.ndarray):
         arr = np.asarray(values)
         if arr.ndim == 1:
             arr = arr[None, None]
@@ -70,13 +82,17 @@ def _leaf(a: np.ndarray, name: str, kind: str, where: str) -> np.ndarray:
     if kind == "bool":
         if a.dtype != np.bool_:
             raise RefattnError(f"{name}{where}: expected dtype bool, got {a.dtype}")
-        return a
-    if a.dtype.kind not in "fiu" or a.dtype.kind == "b":
-        raise RefattnError(f"{name}{where}: expected a real floating dtype, got {a.dtype}")
-    a = a.astype(np.float64)
-    bad = ~np.isfinite(a)
-    if bad.any():
-        raise RefattnError(f"{name}{where}: non-finite value {a[bad][0]} at index {int(np.flatnonzero(bad)[0])}")
+        a = a.copy()  # a private, read-only copy: later writes to the caller's buffer cannot leak in
+    else:
+        if a.dtype not in FLOAT_DTYPES:
+            raise RefattnError(
+                f"{name}{where}: dtype must be one of {', '.join(map(str, FLOAT_DTYPES))}; got {a.dtype}")
+        a = a.astype(np.float64)
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise RefattnError(
+                f"{name}{where}: non-finite value {a[bad][0]} at index {int(np.flatnonzero(bad)[0])}")
+    a.flags.writeable = False
     return a
 
 

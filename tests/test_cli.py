@@ -114,3 +114,8 @@ def test_every_subcommand_has_help(capsys):
             main([name, "--help"])
         assert e.value.code == 0
         assert "usage: refattn " + name in capsys.readouterr().out
+
+
+def test_align_without_causal_is_an_error(capsys):
+    rc, _, err = run_cli(capsys, "run", "--lq", "4", "--align", "top_left")
+    assert rc == 1 and "--align applies only to --pattern causal" in err

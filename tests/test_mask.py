@@ -106,7 +106,7 @@ def test_unsorted_scipy_csr_is_rejected_not_repaired():
 
 def test_explicit_zeros_are_rejected():
     c = sp.csr_array((np.array([1.0, 0.0]), np.array([0, 2]), np.array([0, 2])), shape=(1, 3))
-    with pytest.raises(RefattnError, match=r"stored entry 1 \(row 0, column 2\) is zero"):
+    with pytest.raises(RefattnError, match=r"stored entry 1 \(row 0, column 2\) is 0.0; a mask stores only allowed entries"):
         Mask.from_csr(c)
 
 
@@ -143,3 +143,27 @@ def test_constructor_is_private():
 
 def test_repr():
     assert repr(Mask.full(2, 2)) == "Mask(shape=(2, 2), nnz=4, density=1)"
+
+
+def test_nan_in_csr_data_is_rejected():
+    with pytest.raises(RefattnError, match=r"stored entry 0 \(row 0, column 0\) is nan"):
+        Mask.from_csr(sp.csr_array(np.array([[np.nan, 0.0]])))
+
+
+def test_group_index_is_checked(rng):
+    st = Mask.stack([[Mask.full(2, 2), Mask.empty(2, 2)], [Mask.empty(2, 2), Mask.full(2, 2)]])
+    assert st.group(1, 1).nnz == 4
+    with pytest.raises(RefattnError, match=r"Mask.group: h must be an int in \[0, 2\), got -1"):
+        st.group(1, -1)
+    with pytest.raises(RefattnError, match=r"Mask.group: b must be an int in \[0, 2\), got 2"):
+        st.group(2, 0)
+    single = Mask.full(2, 2)
+    assert single.group(7, 3) is single.csr  # size-1 axes broadcast to any index
+    with pytest.raises(RefattnError, match="b must be any int >= 0"):
+        single.group(-1, 0)
+
+
+@pytest.mark.parametrize("arg", [5, [[Mask.full(1, 1)], 5]])
+def test_stack_rejects_non_sequences(arg):
+    with pytest.raises(RefattnError, match="Mask.stack: expected"):
+        Mask.stack(arg)

@@ -206,3 +206,67 @@ def test_overflow_in_backward_is_an_error(rng):
     lse = r.lse - 800.0  # finite, but inconsistent: exp(S - lse) overflows
     with pytest.raises(RefattnError, match="dq: the result is not finite|dv: the result is not finite|dk: the result"):
         refattn.backward(q, k, v, r.out, lse, np.ones(r.out.shape))
+
+
+def test_flat_lists_are_the_nnz_form(qkv):
+    q, k, v = qkv
+    nnz = 5 * 6
+    a = refattn.forward(q, k, v, bias=SparseBias([0.25] * nnz), dropout=Dropout(0.5, [True, False] * (nnz // 2)))
+    b = refattn.forward(q, k, v, bias=SparseBias(np.full(nnz, 0.25)),
+                        dropout=Dropout(0.5, np.array([True, False] * (nnz // 2))))
+    np.testing.assert_array_equal(a.out, b.out)
+
+
+def test_keep_mask_is_copied_so_dropout_is_a_value(qkv):
+    q, k, v = qkv
+    keep = np.ones(30, bool)
+    d = Dropout(0.5, keep)
+    r = refattn.forward(q, k, v, dropout=d)
+    keep[:] = False  # a later write to the caller's buffer must not change d
+    np.testing.assert_array_equal(refattn.forward(q, k, v, dropout=d).out, r.out)
+    assert not d.grid.at(0, 0).flags.writeable
+
+
+@pytest.mark.parametrize("values", [np.arange(3), np.arange(3).astype(np.longdouble), np.ones(3, bool)])
+def test_sparse_bias_dtypes_follow_dense_bias(values):
+    with pytest.raises(RefattnError, match="SparseBias.values.*dtype must be one of"):
+        SparseBias(values)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: Dropout.sample("x", m, 1, 1, 0), "dropout.p must be a real number"),
+    (lambda m: Dropout.sample(None, m, 1, 1, 0), "dropout.p must be a real number"),
+    (lambda m: Dropout.sample(0.1, np.ones((2, 3), bool), 1, 1, 0), "mask must be a refattn.Mask"),
+    (lambda m: Dropout.sample(0.1, m, 1.5, 1, 0), "batch must be an int"),
+    (lambda m: Dropout.sample(0.1, m, 0, 1, 0), "batch must be >= 1"),
+    (lambda m: Dropout.sample(0.1, m, 1, 1, -3), "seed must be an int >= 0"),
+])
+def test_dropout_sample_arguments(call, message):
+    with pytest.raises(RefattnError, match=message):
+        call(Mask.full(2, 3))
+
+
+def test_dropout_sample_draw_is_documented():
+    m = Mask.from_dense(np.array([[True, False, True], [True, True, True]]))
+    d = Dropout.sample(0.3, m, 2, 2, seed=42)
+    g = np.random.Generator(np.random.PCG64(42))
+    expected = np.array([[g.random(5) >= 0.3 for _ in range(2)] for _ in range(2)])
+    np.testing.assert_array_equal(np.array(d.keep), expected)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: ALiBi([0.5], align=np.array(["top_left", "x"])),
+    lambda: refattn.patterns.get(["causal"]),
+])
+def test_non_string_names(call):
+    with pytest.raises(RefattnError):
+        call()
+
+
+@pytest.mark.parametrize("dbias", [np.array([1.0, np.inf]), [[np.zeros(2), np.array([np.nan])]]])
+def test_non_finite_dbias_is_an_error(dbias):
+    from refattn.attention import _check_grads
+    from refattn.contract import Grads
+    z = np.zeros((1, 1, 1, 1))
+    with pytest.raises(RefattnError, match="dbias: the result is not finite"):
+        _check_grads(Grads(z, z, z, dbias))

@@ -50,7 +50,7 @@ def names() -> list[str]:
 def get(name: str, **params) -> Pattern:
     """The pattern ``name`` built with ``params``; `RefattnError` for an unknown name
     or parameter."""
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise RefattnError(f"pattern: unknown pattern {name!r}; known: {names()}")
     cls = _REGISTRY[name]
     allowed = [f.name for f in dataclasses.fields(cls)]
