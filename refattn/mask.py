@@ -341,6 +341,37 @@ class Mask:
                 f"(batch, heads) = ({batch}, {heads}); each must be 1 or equal"
             )
 
+    # ---- set algebra -----------------------------------------------------------------
+    def _combine(self, other: Mask, op: str) -> Mask:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        if self._matrix_shape != other._matrix_shape:
+            raise RefattnError(
+                f"mask {op}: shapes (Lq, Lk) differ: {self._matrix_shape} and {other._matrix_shape}"
+            )
+        (ba, ha), (bb, hb) = self._group_shape, other._group_shape
+        if ba not in (1, bb) and bb not in (1, ba) or ha not in (1, hb) and hb not in (1, ha):
+            raise RefattnError(
+                f"mask {op}: group shapes {self._group_shape} and {other._group_shape} do not broadcast"
+            )
+        grid = [[Mask._single(_set_op(self.group(b, h), other.group(b, h), op))
+                 for h in range(max(ha, hb))] for b in range(max(ba, bb))]
+        if self._ndim == 2 and other._ndim == 2:
+            return grid[0][0]
+        return Mask.stack(grid)
+
+    def __or__(self, other: Mask) -> Mask:
+        """Union: an entry allowed by either mask."""
+        return self._combine(other, "|")
+
+    def __and__(self, other: Mask) -> Mask:
+        """Intersection: an entry allowed by both masks."""
+        return self._combine(other, "&")
+
+    def __sub__(self, other: Mask) -> Mask:
+        """Difference: an entry allowed by this mask and not by ``other``."""
+        return self._combine(other, "-")
+
     # ---- value semantics --------------------------------------------------------------
     def __eq__(self, other) -> bool:
         if not isinstance(other, Mask):
@@ -359,6 +390,21 @@ class Mask:
 
 
 _PRIVATE = object()
+
+
+def _set_op(a: sp.csr_array, b: sp.csr_array, op: str) -> sp.csr_array:
+    """Union, intersection or difference of two canonical boolean CSRs, in O(nnz)."""
+    x, y = a.astype(np.int8), b.astype(np.int8)
+    if op == "|":
+        c = x + y
+    elif op == "&":
+        c = x.multiply(y)
+    else:
+        c = x - x.multiply(y)
+    c = sp.csr_array(c)
+    c.eliminate_zeros()
+    c.sort_indices()
+    return _canonical_csr(c.indptr, c.indices, a.shape, f"mask {op}")
 
 
 def _parse_matrix_shape(shape, what: str) -> tuple[int, int]:

@@ -1,10 +1,17 @@
-"""Attention patterns: each a frozen dataclass that builds a `refattn.Mask`.
+"""Attention patterns: each a frozen dataclass that builds a `refattn.Mask` in O(nnz).
 
-``patterns.get(name, **params).mask(lq, lk)`` or ``patterns.Causal(...).mask(lq, lk)``;
-``patterns.names()`` lists the registry.
+``patterns.get(name, **params).mask(lq, lk)`` or ``patterns.SlidingWindow(...).mask(lq, lk)``;
+``patterns.names()`` lists the registry; ``p | q``, ``p & q``, ``p - q`` combine patterns,
+and ``to_dict()`` / ``from_dict()`` serialize any of them. Rules: spec/patterns.md.
 """
 
-from .base import Pattern, from_dict, get, names, register
+from .base import Difference, Intersection, Pattern, Union, from_dict, get, names, register
 from .basic import Causal, Dense
+from .global_tokens import GlobalTokens
+from .windows import ChunkedCausal, DilatedSlidingWindow, Document, PrefixLM, SinkWindow, SlidingWindow
 
-__all__ = ["Pattern", "Causal", "Dense", "from_dict", "get", "names", "register"]
+__all__ = [
+    "Causal", "ChunkedCausal", "Dense", "Difference", "DilatedSlidingWindow", "Document",
+    "GlobalTokens", "Intersection", "Pattern", "PrefixLM", "SinkWindow", "SlidingWindow", "Union",
+    "from_dict", "get", "names", "register",
+]

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..alignment import align_offset
 from ..errors import RefattnError
 from ..mask import Mask, _check_dim
 
@@ -30,8 +31,32 @@ class Pattern:
         out = {"name": self.name}
         for f in dataclasses.fields(self):
             val = getattr(self, f.name)
-            out[f.name] = val.tolist() if isinstance(val, np.ndarray) else val
+            if isinstance(val, np.ndarray):
+                val = val.tolist()
+            elif isinstance(val, tuple):
+                val = [v.to_dict() if isinstance(v, Pattern) else v for v in val]
+            out[f.name] = val
         return out
+
+    @classmethod
+    def _from_params(cls, params: dict) -> Pattern:
+        return cls(**params)
+
+    # Algebra: the result is a pattern again (and serializes as one).
+    def __or__(self, other: Pattern) -> Pattern:
+        return _composite("union", self, other)
+
+    def __and__(self, other: Pattern) -> Pattern:
+        return _composite("intersection", self, other)
+
+    def __sub__(self, other: Pattern) -> Pattern:
+        return _composite("difference", self, other)
+
+
+def _composite(name: str, a, b) -> Pattern:
+    if not isinstance(b, Pattern):
+        return NotImplemented
+    return _REGISTRY[name](terms=(a, b))
 
 
 def register(cls: type[Pattern]) -> type[Pattern]:
@@ -57,7 +82,7 @@ def get(name: str, **params) -> Pattern:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise RefattnError(f"pattern {name!r}: unknown parameter(s) {unknown}; it takes {allowed}")
-    return cls(**params)
+    return cls._from_params(params)
 
 
 def from_dict(d: dict) -> Pattern:
@@ -66,6 +91,13 @@ def from_dict(d: dict) -> Pattern:
         raise RefattnError(f"pattern: expected a dict with a 'name' key, got {d!r}")
     params = dict(d)
     return get(params.pop("name"), **params)
+
+
+def check_int(value, name: str, lowest: int = 0) -> int:
+    """A pattern parameter that must be an int >= ``lowest``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < lowest:
+        raise RefattnError(f"{name} must be an int >= {lowest}, got {value!r}")
+    return int(value)
 
 
 def check_lengths(lq, lk) -> tuple[int, int]:
@@ -82,3 +114,82 @@ def rows_from_ranges(lo: np.ndarray, hi: np.ndarray, lq: int, lk: int) -> Mask:
     np.cumsum(counts, out=indptr[1:])
     indices = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1] - lo, counts)
     return Mask.from_indices(indptr, indices, (lq, lk))
+
+
+def rows_from_progressions(start: np.ndarray, step: int, count: np.ndarray, lq: int, lk: int) -> Mask:
+    """Row i allows ``start[i] + step * t`` for ``t = 0 .. count[i] - 1`` (all inside
+    ``[0, Lk)``, increasing). O(Lq + nnz)."""
+    count = np.maximum(count, 0).astype(np.int64)
+    indptr = np.zeros(lq + 1, dtype=np.int64)
+    np.cumsum(count, out=indptr[1:])
+    t = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], count)
+    indices = np.repeat(start.astype(np.int64), count) + step * t
+    return Mask.from_indices(indptr, indices, (lq, lk))
+
+
+def query_positions(lq: int, lk: int, align: str) -> np.ndarray:
+    """``i' = i + offset`` for every query row (spec/semantics.md, section 6)."""
+    return np.arange(lq, dtype=np.int64) + align_offset(align, lq, lk)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Composite(Pattern):
+    """A set operation over two or more patterns (left to right)."""
+
+    terms: tuple
+
+    def __post_init__(self):
+        terms = tuple(self.terms)
+        if len(terms) < 2 or not all(isinstance(t, Pattern) for t in terms):
+            raise RefattnError(f"{self.name}: terms must be two or more patterns, got {self.terms!r}")
+        object.__setattr__(self, "terms", terms)
+
+    @classmethod
+    def _from_params(cls, params: dict) -> Pattern:
+        terms = params.get("terms")
+        if not isinstance(terms, (list, tuple)):
+            raise RefattnError(f"pattern {cls.name!r}: 'terms' must be a list of pattern dicts")
+        return cls(terms=tuple(t if isinstance(t, Pattern) else from_dict(t) for t in terms))
+
+    def mask(self, lq: int, lk: int, **kw) -> Mask:
+        masks = [t.mask(lq, lk) for t in self.terms]
+        out = masks[0]
+        for m in masks[1:]:
+            out = self._op(out, m)
+        return out
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Union(_Composite):
+    """Entries allowed by any term (``p | q``)."""
+
+    name = "union"
+
+    @staticmethod
+    def _op(a, b):
+        return a | b
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Intersection(_Composite):
+    """Entries allowed by every term (``p & q``)."""
+
+    name = "intersection"
+
+    @staticmethod
+    def _op(a, b):
+        return a & b
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Difference(_Composite):
+    """Entries allowed by the first term and by none of the others (``p - q``)."""
+
+    name = "difference"
+
+    @staticmethod
+    def _op(a, b):
+        return a - b
