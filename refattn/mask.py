@@ -140,6 +140,22 @@ class Mask:
         return cls((csr,), (1, 1), (int(csr.shape[0]), int(csr.shape[1])), 2, _PRIVATE)
 
     @classmethod
+    def _from_canonical(cls, indptr: np.ndarray, indices: np.ndarray, shape: tuple[int, int]) -> Mask:
+        """Wrap arrays that are canonical by construction (pattern builders; their exactness
+        is tested against brute force), without validation or copies: O(1) extra memory
+        beyond the all-True data array. ``indptr``/``indices`` must already have the
+        dtype `_index_dtype` picks."""
+        want = _index_dtype(int(indices.shape[0]), shape[1])
+        assert indptr.dtype == want and indices.dtype == want, (indptr.dtype, indices.dtype, want)
+        csr = sp.csr_array(
+            (_frozen(np.ones(indices.shape[0], dtype=bool)), _frozen(indices), _frozen(indptr)),
+            shape=shape, copy=False,
+        )
+        csr.has_sorted_indices = True
+        csr.has_canonical_format = True
+        return cls._single(csr)
+
+    @classmethod
     def from_indices(cls, indptr, indices, shape) -> Mask:
         """A 2-D mask from raw CSR arrays (``indptr`` of length Lq + 1, sorted unique
         ``indices`` per row) and ``shape = (Lq, Lk)``."""

@@ -154,3 +154,11 @@ def test_forward_through_the_oracle(pattern, rng):
     b = refattn.forward(q, k, v, Mask.from_dense(m.to_dense()))
     np.testing.assert_array_equal(a.out, b.out)
     assert np.all(np.isfinite(a.lse) == (m.row_counts() > 0))
+
+
+def test_builders_write_the_final_index_dtype_without_copies():
+    m = patterns.SlidingWindow(3, 1).mask(50, 40)
+    assert m.csr.indices.dtype == m.csr.indptr.dtype == np.int32
+    assert not m.csr.indices.flags.writeable
+    # the trusted path must produce exactly what validation would accept
+    assert Mask.from_indices(m.csr.indptr, m.csr.indices, m.shape) == m

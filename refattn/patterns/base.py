@@ -13,7 +13,8 @@ import numpy as np
 
 from ..alignment import align_offset
 from ..errors import RefattnError
-from ..mask import Mask, _check_dim
+from ..mask import Mask, _check_dim, _index_dtype
+from ._fill import fill
 
 _REGISTRY: dict[str, type[Pattern]] = {}
 
@@ -104,27 +105,32 @@ def check_lengths(lq, lk) -> tuple[int, int]:
     return _check_dim(lq, "lq"), _check_dim(lk, "lk")
 
 
+def _rows_from_counts(counts: np.ndarray, first: np.ndarray, step: int, lq: int, lk: int) -> Mask:
+    """Row i allows ``first[i] + step * t`` for ``t < counts[i]``; the caller guarantees
+    they lie in ``[0, Lk)`` and increase. Written straight into the final index dtype by
+    one compiled loop, so peak memory is the CSR plus O(Lq)."""
+    counts = np.maximum(counts, 0).astype(np.int64)
+    nnz = int(counts.sum())
+    idx = _index_dtype(nnz, lk)
+    indptr = np.zeros(lq + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.empty(nnz, dtype=idx)
+    fill(indptr, first, step, indices)
+    return Mask._from_canonical(indptr.astype(idx), indices, (lq, lk))
+
+
 def rows_from_ranges(lo: np.ndarray, hi: np.ndarray, lq: int, lk: int) -> Mask:
     """The mask whose row i allows the contiguous keys ``lo[i] <= j < hi[i]`` (clipped to
     ``[0, Lk)``; an empty range gives an empty row). O(Lq + nnz)."""
     lo = np.clip(lo, 0, lk).astype(np.int64)
     hi = np.clip(hi, 0, lk).astype(np.int64)
-    counts = np.maximum(hi - lo, 0)
-    indptr = np.zeros(lq + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    indices = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1] - lo, counts)
-    return Mask.from_indices(indptr, indices, (lq, lk))
+    return _rows_from_counts(hi - lo, lo, 1, lq, lk)
 
 
 def rows_from_progressions(start: np.ndarray, step: int, count: np.ndarray, lq: int, lk: int) -> Mask:
     """Row i allows ``start[i] + step * t`` for ``t = 0 .. count[i] - 1`` (all inside
     ``[0, Lk)``, increasing). O(Lq + nnz)."""
-    count = np.maximum(count, 0).astype(np.int64)
-    indptr = np.zeros(lq + 1, dtype=np.int64)
-    np.cumsum(count, out=indptr[1:])
-    t = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], count)
-    indices = np.repeat(start.astype(np.int64), count) + step * t
-    return Mask.from_indices(indptr, indices, (lq, lk))
+    return _rows_from_counts(count, start, step, lq, lk)
 
 
 def query_positions(lq: int, lk: int, align: str) -> np.ndarray:

@@ -1,0 +1,20 @@
+"""The one compiled loop of the pattern builders: writing arithmetic progressions into a
+CSR's index array. Serial and exact (integer arithmetic), so the result does not depend
+on threads; cached on disk, so later processes load it in well under a second."""
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_progressions(indptr, first, step, indices):  # pragma: no cover - compiled
+    """``indices[indptr[i] + t] = first[i] + step * t`` for every row i and t < row length."""
+    for i in range(indptr.shape[0] - 1):
+        base = first[i]
+        for p in range(indptr[i], indptr[i + 1]):
+            indices[p] = base
+            base += step
+
+
+def fill(indptr: np.ndarray, first: np.ndarray, step: int, indices: np.ndarray) -> None:
+    fill_progressions(indptr, first.astype(np.int64), np.int64(step), indices)
