@@ -162,3 +162,15 @@ def test_builders_write_the_final_index_dtype_without_copies():
     assert not m.csr.indices.flags.writeable
     # the trusted path must produce exactly what validation would accept
     assert Mask.from_indices(m.csr.indptr, m.csr.indices, m.shape) == m
+
+
+@settings(max_examples=80, deadline=None)
+@given(lq=st.integers(1, 12), lk=st.integers(1, 12), data=st.data())
+def test_prefix_and_range_builder(lq, lk, data):
+    from refattn.patterns.base import rows_from_prefix_and_range
+    ints = st.integers(-3, 15)
+    a, lo, hi = (np.array(data.draw(st.lists(ints, min_size=lq, max_size=lq))) for _ in range(3))
+    m = rows_from_prefix_and_range(a, lo, hi, lq, lk)
+    expected = brute(lq, lk, lambda i, j: j < a[i] or lo[i] <= j < hi[i])
+    np.testing.assert_array_equal(m.to_dense(), expected)
+    assert Mask.from_indices(m.csr.indptr, m.csr.indices, m.shape) == m

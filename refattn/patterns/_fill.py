@@ -18,3 +18,18 @@ def fill_progressions(indptr, first, step, indices):  # pragma: no cover - compi
 
 def fill(indptr: np.ndarray, first: np.ndarray, step: int, indices: np.ndarray) -> None:
     fill_progressions(indptr, first.astype(np.int64), np.int64(step), indices)
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_two_ranges(indptr, a_hi, b_lo, indices):  # pragma: no cover - compiled
+    """Row i holds ``0 .. a_hi[i] - 1`` then ``b_lo[i] ..`` up to its length (a_hi <= b_lo)."""
+    for i in range(indptr.shape[0] - 1):
+        p = indptr[i]
+        for j in range(a_hi[i]):
+            indices[p] = j
+            p += 1
+        j = b_lo[i]
+        while p < indptr[i + 1]:
+            indices[p] = j
+            p += 1
+            j += 1

@@ -14,7 +14,7 @@ import numpy as np
 from ..alignment import align_offset
 from ..errors import RefattnError
 from ..mask import Mask, _check_dim, _index_dtype
-from ._fill import fill
+from ._fill import fill, fill_two_ranges
 
 _REGISTRY: dict[str, type[Pattern]] = {}
 
@@ -125,6 +125,29 @@ def rows_from_ranges(lo: np.ndarray, hi: np.ndarray, lq: int, lk: int) -> Mask:
     lo = np.clip(lo, 0, lk).astype(np.int64)
     hi = np.clip(hi, 0, lk).astype(np.int64)
     return _rows_from_counts(hi - lo, lo, 1, lq, lk)
+
+
+def rows_from_prefix_and_range(a_hi: np.ndarray, b_lo: np.ndarray, b_hi: np.ndarray,
+                               lq: int, lk: int) -> Mask:
+    """Row i allows ``0 <= j < a_hi[i]`` and ``b_lo[i] <= j < b_hi[i]`` (clipped to
+    ``[0, Lk)``; overlapping ranges merge). O(Lq + nnz), no temporaries of size nnz."""
+    a = np.clip(a_hi, 0, lk).astype(np.int64)
+    b_lo = np.clip(b_lo, 0, lk).astype(np.int64)
+    b_hi = np.clip(b_hi, 0, lk).astype(np.int64)
+    empty_b = b_hi <= b_lo
+    b_lo = np.where(empty_b, a, b_lo)          # no second range: the prefix alone
+    b_hi = np.where(empty_b, a, b_hi)
+    merge = a >= b_lo                          # touching or overlapping: one range [0, max)
+    b_hi = np.where(merge, np.maximum(a, b_hi), b_hi)
+    a_hi = np.where(merge, b_lo, a)
+    counts = a_hi + (b_hi - b_lo)
+    nnz = int(counts.sum())
+    idx = _index_dtype(nnz, lk)
+    indptr = np.zeros(lq + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.empty(nnz, dtype=idx)
+    fill_two_ranges(indptr, a_hi, b_lo, indices)
+    return Mask._from_canonical(indptr.astype(idx), indices, (lq, lk))
 
 
 def rows_from_progressions(start: np.ndarray, step: int, count: np.ndarray, lq: int, lk: int) -> Mask:

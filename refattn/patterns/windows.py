@@ -11,7 +11,7 @@ from ..alignment import DEFAULT_ALIGN, check_align
 from ..errors import RefattnError
 from ..mask import Mask
 from .base import (Pattern, check_int, check_lengths, query_positions, register,
-                   rows_from_progressions, rows_from_ranges)
+                   rows_from_prefix_and_range, rows_from_progressions, rows_from_ranges)
 
 
 @register
@@ -117,11 +117,7 @@ class SinkWindow(Pattern):
     def mask(self, lq: int, lk: int) -> Mask:
         lq, lk = check_lengths(lq, lk)
         ip = query_positions(lq, lk, DEFAULT_ALIGN)
-        win_lo = np.maximum(ip - self.window + 1, 0)
-        sink_hi = np.minimum(np.minimum(self.sinks, ip + 1), win_lo)
-        sinks = rows_from_ranges(np.zeros(lq, np.int64), sink_hi, lq, lk)
-        window = rows_from_ranges(win_lo, ip + 1, lq, lk)
-        return sinks | window
+        return rows_from_prefix_and_range(np.minimum(self.sinks, ip + 1), ip - self.window + 1, ip + 1, lq, lk)
 
 
 @register
