@@ -9,6 +9,7 @@ subcommand means adding a pair there. Exit status: 0 success, 1 a refattn error
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 from . import __version__, backends, patterns
 from .alignment import ALIGNMENTS, DEFAULT_ALIGN
 from .attention import backward, forward
+from .draw import draw
 from .errors import RefattnError
 
 DTYPES = {
@@ -149,7 +151,61 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = [("run", add_run, cmd_run)]
+# ---- refattn patterns ---------------------------------------------------------------------
+def add_patterns(sub) -> None:
+    sub.add_parser("patterns", help="list the registered patterns",
+                   description="List every registered pattern with its parameters and a one-line description.")
+
+
+def cmd_patterns(args) -> int:
+    for name in patterns.names():
+        cls = patterns.base._REGISTRY[name]
+        params = ", ".join(f.name for f in dataclasses.fields(cls))
+        para = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        first = para.split(". ")[0].rstrip(".").replace("``", "")
+        print(f"{name:<24} ({params})  {first}")
+    return 0
+
+
+# ---- refattn show -------------------------------------------------------------------------
+def _param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(value)  # 3, [0, 9], true, "top_left"
+    except json.JSONDecodeError:
+        return key, value  # a bare word: a string, e.g. align=top_left
+
+
+def add_show(sub) -> None:
+    p = sub.add_parser("show", help="draw a pattern's mask in the terminal, with its stats",
+                       description="Draw a pattern's mask, '#' allowed and '.' removed; above "
+                       "--max-size cells are aggregated into blocks ('#' full, '+' partial, "
+                       "'.' empty). Parameter values are JSON (3, [0, 9], true) or bare words.")
+    p.add_argument("name", help="pattern name (see `refattn patterns`)")
+    p.add_argument("--lq", type=_positive_int, default=32, help="query length (default 32)")
+    p.add_argument("--lk", type=_positive_int, default=None, help="key length (default: --lq)")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="a pattern parameter; repeat for several")
+    p.add_argument("--max-size", type=_positive_int, default=64,
+                   help="largest picture side in characters (default 64)")
+
+
+def cmd_show(args) -> int:
+    pat = patterns.get(args.name, **dict(args.param))
+    lk = args.lk or args.lq
+    m = pat.mask(args.lq, lk)
+    counts = m.row_counts()
+    print(f"{json.dumps(pat.to_dict())}  Lq={args.lq} Lk={lk}")
+    print(draw(m, max_size=args.max_size))
+    print(f"nnz={m.nnz} density={m.density:.6g} row keys min/mean/max="
+          f"{counts.min()}/{counts.mean():.4g}/{counts.max()} empty rows={int((counts == 0).sum())}")
+    return 0
+
+
+COMMANDS = [("run", add_run, cmd_run), ("patterns", add_patterns, cmd_patterns),
+            ("show", add_show, cmd_show)]
 
 
 def build_parser() -> argparse.ArgumentParser:

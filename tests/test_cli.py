@@ -119,3 +119,44 @@ def test_every_subcommand_has_help(capsys):
 def test_align_without_causal_is_an_error(capsys):
     rc, _, err = run_cli(capsys, "run", "--lq", "4", "--align", "top_left")
     assert rc == 1 and "--align applies only to --pattern causal" in err
+
+
+def test_patterns_lists_every_pattern(capsys):
+    rc, out, _ = run_cli(capsys, "patterns")
+    assert rc == 0
+    listed = [line.split()[0] for line in out.splitlines()]
+    assert listed == patterns.names()
+    assert "sliding_window           (left, right, align)" in out
+
+
+def test_show_draws_the_mask_and_its_stats(capsys):
+    rc, out, _ = run_cli(capsys, "show", "sliding_window", "--lq", "6", "--lk", "8",
+                         "--param", "left=1", "--param", "right=0", "--param", "align=top_left")
+    assert rc == 0
+    lines = out.splitlines()
+    from refattn.draw import draw
+    m = patterns.SlidingWindow(1, 0, "top_left").mask(6, 8)
+    assert lines[1:7] == draw(m).splitlines()
+    assert f"nnz={m.nnz}" in lines[7] and "empty rows=0" in lines[7]
+
+
+def test_show_json_parameters_and_blocks(capsys):
+    rc, out, _ = run_cli(capsys, "show", "global_tokens", "--lq", "100", "--param", "indices=[0, 50]",
+                         "--max-size", "10")
+    assert rc == 0 and out.splitlines()[1] == "+" * 10
+
+
+@pytest.mark.parametrize("argv, rc, message", [
+    (["show", "nope"], 1, "unknown pattern 'nope'"),
+    (["show", "causal", "--param", "align=middle"], 1, "align must be one of"),
+    (["show", "causal", "--param", "window=3"], 1, "unknown parameter(s) ['window']"),
+])
+def test_show_errors(capsys, argv, rc, message):
+    got, _, err = run_cli(capsys, *argv)
+    assert got == rc and message in err
+
+
+def test_show_param_needs_key_value(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["show", "causal", "--param", "x"])
+    assert e.value.code == 2 and "expected key=value" in capsys.readouterr().err
