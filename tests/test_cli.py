@@ -160,3 +160,11 @@ def test_show_param_needs_key_value(capsys):
     with pytest.raises(SystemExit) as e:
         main(["show", "causal", "--param", "x"])
     assert e.value.code == 2 and "expected key=value" in capsys.readouterr().err
+
+
+def test_closed_pipe_is_not_an_error():
+    exe = shutil.which("refattn") or "refattn"
+    proc = subprocess.run(f"{exe} show dense --lq 2000 --max-size 2000 | head -1", shell=True,
+                          capture_output=True, text=True)
+    assert proc.stdout.strip() == "#" * 2000
+    assert "Traceback" not in proc.stderr
