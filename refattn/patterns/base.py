@@ -180,7 +180,7 @@ class _Composite(Pattern):
             raise RefattnError(f"pattern {cls.name!r}: 'terms' must be a list of pattern dicts")
         return cls(terms=tuple(t if isinstance(t, Pattern) else from_dict(t) for t in terms))
 
-    def mask(self, lq: int, lk: int, **kw) -> Mask:
+    def mask(self, lq: int, lk: int) -> Mask:
         masks = [t.mask(lq, lk) for t in self.terms]
         out = masks[0]
         for m in masks[1:]:
