@@ -174,3 +174,41 @@ def test_prefix_and_range_builder(lq, lk, data):
     expected = brute(lq, lk, lambda i, j: j < a[i] or lo[i] <= j < hi[i])
     np.testing.assert_array_equal(m.to_dense(), expected)
     assert Mask.from_indices(m.csr.indptr, m.csr.indices, m.shape) == m
+
+
+@settings(max_examples=60, deadline=None)
+@given(lq=lengths, lk=lengths, stride=st.integers(1, 7), causal=st.booleans())
+def test_strided_family(lq, lk, stride, causal):
+    o = lk - lq
+
+    def local(i, j):
+        return 0 <= i + o - j < stride
+
+    def dilated(i, j):
+        return (i + o - j) % stride == 0 and (j <= i + o or not causal)
+
+    check(patterns.StridedLocal(stride), lq, lk, local)
+    check(patterns.StridedDilated(stride, causal), lq, lk, dilated)
+    check(patterns.Strided(stride, causal), lq, lk,
+          lambda i, j: (local(i, j) or (i + o - j) % stride == 0) and (j <= i + o or not causal))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lq=lengths, lk=lengths, block=st.integers(1, 7), data=st.data(), causal=st.booleans())
+def test_fixed(lq, lk, block, data, causal):
+    summary = data.draw(st.integers(0, block))
+    o = lk - lq
+    check(patterns.Fixed(block, summary, causal), lq, lk,
+          lambda i, j: (((i + o) >= 0 and (i + o) // block == j // block) or j % block >= block - summary)
+          and (j <= i + o or not causal))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: patterns.Strided(0), "strided.stride must be an int >= 1"),
+    (lambda: patterns.Strided(2, causal=1), "strided.causal must be a bool"),
+    (lambda: patterns.Fixed(4, 5), "fixed.summary must be <= block = 4"),
+    (lambda: patterns.Fixed(0, 0), "fixed.block must be an int >= 1"),
+])
+def test_sparse_transformer_parameter_errors(call, message):
+    with pytest.raises(RefattnError, match=message):
+        call()

@@ -8,10 +8,12 @@ and ``to_dict()`` / ``from_dict()`` serialize any of them. Rules: spec/patterns.
 from .base import Difference, Intersection, Pattern, Union, from_dict, get, names, register
 from .basic import Causal, Dense
 from .global_tokens import GlobalTokens
+from .sparse_transformer import Fixed, Strided, StridedDilated, StridedLocal
 from .windows import ChunkedCausal, DilatedSlidingWindow, Document, PrefixLM, SinkWindow, SlidingWindow
 
 __all__ = [
     "Causal", "ChunkedCausal", "Dense", "Difference", "DilatedSlidingWindow", "Document",
-    "GlobalTokens", "Intersection", "Pattern", "PrefixLM", "SinkWindow", "SlidingWindow", "Union",
+    "Fixed", "GlobalTokens", "Intersection", "Pattern", "PrefixLM", "SinkWindow", "SlidingWindow", "Strided",
+    "StridedDilated", "StridedLocal", "Union",
     "from_dict", "get", "names", "register",
 ]
