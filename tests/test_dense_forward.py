@@ -23,7 +23,7 @@ from .conftest import random_bool, random_qkv
 def reference_attention(q, k, v, allowed, scale=None, softcap=None, bias=None, keep=None, p=0.0):
     """allowed: bool (B, H, Lq, Lk); bias: float (B, H, Lq, Lk) or None; keep: bool like allowed."""
     B, H, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Hkv, Dv = k.shape[1], v.shape[3]
     scale = 1 / math.sqrt(D) if scale is None else scale
     out = np.zeros((B, H, Lq, Dv))
     lse = np.full((B, H, Lq), -np.inf)

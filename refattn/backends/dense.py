@@ -26,20 +26,27 @@ def _row_chunks(lq: int, lk: int):
         yield slice(r0, min(lq, r0 + rows))
 
 
-def _on_nonzeros(csr, rows: slice, values: np.ndarray, fill: float) -> np.ndarray:
-    """Scatter per-nonzero ``values`` of the CSR's ``rows`` into a dense ``(rows, Lk)`` array."""
+def _chunk_nonzeros(csr, rows: slice):
+    """``(lo, hi, r, c)``: the chunk's nonzeros are ``lo:hi`` in CSR order, at local row
+    ``r`` and column ``c``."""
     lo, hi = csr.indptr[rows.start], csr.indptr[rows.stop]
-    out = np.full((rows.stop - rows.start, csr.shape[1]), fill, dtype=np.float64)
     r = np.repeat(np.arange(rows.stop - rows.start), np.diff(csr.indptr[rows.start:rows.stop + 1]))
-    out[r, csr.indices[lo:hi]] = values[lo:hi]
+    return lo, hi, r, csr.indices[lo:hi]
+
+
+def _on_nonzeros(csr, rows: slice, values: np.ndarray) -> np.ndarray:
+    """Scatter per-nonzero ``values`` of the CSR's ``rows`` into a dense ``(rows, Lk)``
+    array, 0 elsewhere."""
+    lo, hi, r, c = _chunk_nonzeros(csr, rows)
+    out = np.zeros((rows.stop - rows.start, csr.shape[1]))
+    out[r, c] = values[lo:hi]
     return out
 
 
 def _gather_nonzeros(csr, rows: slice, dense: np.ndarray) -> np.ndarray:
     """The entries of a dense ``(rows, Lk)`` array at the CSR's nonzeros of ``rows``."""
-    lo, hi = csr.indptr[rows.start], csr.indptr[rows.stop]
-    r = np.repeat(np.arange(rows.stop - rows.start), np.diff(csr.indptr[rows.start:rows.stop + 1]))
-    return dense[r, csr.indices[lo:hi]]
+    _, _, r, c = _chunk_nonzeros(csr, rows)
+    return dense[r, c]
 
 
 def _scores(p: Problem, b: int, h: int, rows: slice, Q, K):
@@ -53,7 +60,7 @@ def _scores(p: Problem, b: int, h: int, rows: slice, Q, K):
     if isinstance(p.bias, DenseBias):
         S = S + p.bias.block(b, h, rows, p.lq, p.lk)
     elif isinstance(p.bias, SparseBias):
-        S = S + _on_nonzeros(p.mask.group(b, h), rows, p.bias.grid.at(b, h), 0.0)
+        S = S + _on_nonzeros(p.mask.group(b, h), rows, p.bias.grid.at(b, h))
     elif isinstance(p.bias, ALiBi):
         S = S + p.bias.block(h, rows, p.lq, p.lk)
     return S, T
@@ -67,13 +74,17 @@ def _dropout_scale(p: Problem, b: int, h: int, rows: slice) -> np.ndarray | floa
     """``Z / (1 - p)`` on the chunk (1.0 without dropout)."""
     if p.dropout is None:
         return 1.0
-    Z = _on_nonzeros(p.mask.group(b, h), rows, p.dropout.grid.at(b, h).astype(np.float64), 0.0)
+    Z = _on_nonzeros(p.mask.group(b, h), rows, p.dropout.grid.at(b, h).astype(np.float64))
     return Z / (1.0 - p.dropout.p)
 
 
-def _probabilities(S, allowed, L):
-    """``P = exp(S - L)`` on allowed entries, 0 elsewhere and on empty rows (L = -inf)."""
-    S = np.where(allowed, S, -np.inf)  # exp(-inf - L) = 0: masked entries never overflow
+def _masked(S, allowed):
+    """Remove the entries off the mask: ``-inf``, so ``exp(S - L) = 0`` there and never overflows."""
+    return np.where(allowed, S, -np.inf)
+
+
+def _probabilities(S, L):
+    """``P = exp(S - L)`` for masked scores ``S``; 0 off the mask and on empty rows (L = -inf)."""
     nonempty = np.isfinite(L)
     P = np.zeros_like(S)
     P[nonempty] = np.exp(S[nonempty] - L[nonempty, None])
@@ -92,7 +103,7 @@ def forward(p: Problem) -> Result:
             for rows in _row_chunks(Lq, p.lk):
                 S, _ = _scores(p, b, h, rows, Q, K)
                 allowed = _allowed(p, b, h, rows)
-                S = np.where(allowed, S, -np.inf)
+                S = _masked(S, allowed)
                 m = S.max(axis=1)
                 nonempty = allowed.any(axis=1)  # from the mask: a +inf score is not an empty row
                 # L = m + log(sum_j exp(S_ij - m)) on rows with an allowed key; -inf otherwise.
@@ -100,7 +111,7 @@ def forward(p: Problem) -> Result:
                 Lc[nonempty] = m[nonempty] + np.log(
                     np.exp(S[nonempty] - m[nonempty, None]).sum(axis=1)
                 )
-                P = _probabilities(S, allowed, Lc)
+                P = _probabilities(S, Lc)
                 O[b, h, rows] = (P * _dropout_scale(p, b, h, rows)) @ V
                 L[b, h, rows] = Lc
     return Result(O, L)
@@ -121,8 +132,7 @@ def backward(p: Problem, out, lse, dout, dlse) -> Grads:
             Q, K, V = q[b, h], k[b, g], v[b, g]
             for rows in _row_chunks(Lq, Lk):
                 S, T = _scores(p, b, h, rows, Q, K)
-                allowed = _allowed(p, b, h, rows)
-                P = _probabilities(S, allowed, lse[b, h, rows])
+                P = _probabilities(_masked(S, _allowed(p, b, h, rows)), lse[b, h, rows])
                 Zs = _dropout_scale(p, b, h, rows)
                 dO = dout[b, h, rows]
                 dv[b, g] += (P * Zs).T @ dO                      # dV = (P * Z/(1-p))^T dO

@@ -7,6 +7,8 @@ A pattern is a frozen dataclass of parameters with a registry ``name``; its
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import ClassVar
 
 import numpy as np
@@ -101,22 +103,35 @@ def check_int(value, name: str, lowest: int = 0) -> int:
     return int(value)
 
 
+def check_bool(value, name: str) -> bool:
+    """A pattern parameter that must be a bool (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise RefattnError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def check_lengths(lq, lk) -> tuple[int, int]:
     return _check_dim(lq, "lq"), _check_dim(lk, "lk")
 
 
-def _rows_from_counts(counts: np.ndarray, first: np.ndarray, step: int, lq: int, lk: int) -> Mask:
-    """Row i allows ``first[i] + step * t`` for ``t < counts[i]``; the caller guarantees
-    they lie in ``[0, Lk)`` and increase. Written straight into the final index dtype by
-    one compiled loop, so peak memory is the CSR plus O(Lq)."""
-    counts = np.maximum(counts, 0).astype(np.int64)
-    nnz = int(counts.sum())
-    idx = _index_dtype(nnz, lk)
+def _allocate(counts: np.ndarray, lq: int, lk: int) -> tuple[np.ndarray, np.ndarray]:
+    """``indptr`` (int64) from row counts and an uninitialised ``indices`` of the final dtype."""
     indptr = np.zeros(lq + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    indices = np.empty(nnz, dtype=idx)
+    return indptr, np.empty(int(indptr[-1]), dtype=_index_dtype(int(indptr[-1]), lk))
+
+
+def _finish(indptr: np.ndarray, indices: np.ndarray, lq: int, lk: int) -> Mask:
+    return Mask._from_canonical(indptr.astype(indices.dtype), indices, (lq, lk))
+
+
+def rows_from_progressions(first: np.ndarray, step: int, count: np.ndarray, lq: int, lk: int) -> Mask:
+    """Row i allows ``first[i] + step * t`` for ``t = 0 .. count[i] - 1``; the caller
+    guarantees they lie in ``[0, Lk)`` and increase. Written straight into the final index
+    dtype by one compiled loop: O(Lq + nnz) time, peak memory the CSR plus O(Lq)."""
+    indptr, indices = _allocate(np.maximum(count, 0).astype(np.int64), lq, lk)
     fill(indptr, first, step, indices)
-    return Mask._from_canonical(indptr.astype(idx), indices, (lq, lk))
+    return _finish(indptr, indices, lq, lk)
 
 
 def rows_from_ranges(lo: np.ndarray, hi: np.ndarray, lq: int, lk: int) -> Mask:
@@ -124,7 +139,7 @@ def rows_from_ranges(lo: np.ndarray, hi: np.ndarray, lq: int, lk: int) -> Mask:
     ``[0, Lk)``; an empty range gives an empty row). O(Lq + nnz)."""
     lo = np.clip(lo, 0, lk).astype(np.int64)
     hi = np.clip(hi, 0, lk).astype(np.int64)
-    return _rows_from_counts(hi - lo, lo, 1, lq, lk)
+    return rows_from_progressions(lo, 1, hi - lo, lq, lk)
 
 
 def rows_from_prefix_and_range(a_hi: np.ndarray, b_lo: np.ndarray, b_hi: np.ndarray,
@@ -140,20 +155,9 @@ def rows_from_prefix_and_range(a_hi: np.ndarray, b_lo: np.ndarray, b_hi: np.ndar
     merge = a >= b_lo                          # touching or overlapping: one range [0, max)
     b_hi = np.where(merge, np.maximum(a, b_hi), b_hi)
     a_hi = np.where(merge, b_lo, a)
-    counts = a_hi + (b_hi - b_lo)
-    nnz = int(counts.sum())
-    idx = _index_dtype(nnz, lk)
-    indptr = np.zeros(lq + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    indices = np.empty(nnz, dtype=idx)
+    indptr, indices = _allocate(a_hi + (b_hi - b_lo), lq, lk)
     fill_two_ranges(indptr, a_hi, b_lo, indices)
-    return Mask._from_canonical(indptr.astype(idx), indices, (lq, lk))
-
-
-def rows_from_progressions(start: np.ndarray, step: int, count: np.ndarray, lq: int, lk: int) -> Mask:
-    """Row i allows ``start[i] + step * t`` for ``t = 0 .. count[i] - 1`` (all inside
-    ``[0, Lk)``, increasing). O(Lq + nnz)."""
-    return _rows_from_counts(count, start, step, lq, lk)
+    return _finish(indptr, indices, lq, lk)
 
 
 def query_positions(lq: int, lk: int, align: str) -> np.ndarray:
@@ -181,11 +185,7 @@ class _Composite(Pattern):
         return cls(terms=tuple(t if isinstance(t, Pattern) else from_dict(t) for t in terms))
 
     def mask(self, lq: int, lk: int) -> Mask:
-        masks = [t.mask(lq, lk) for t in self.terms]
-        out = masks[0]
-        for m in masks[1:]:
-            out = self._op(out, m)
-        return out
+        return functools.reduce(self._op, (t.mask(lq, lk) for t in self.terms))
 
 
 @register
@@ -194,10 +194,7 @@ class Union(_Composite):
     """Entries allowed by any term (``p | q``)."""
 
     name = "union"
-
-    @staticmethod
-    def _op(a, b):
-        return a | b
+    _op = staticmethod(operator.or_)
 
 
 @register
@@ -206,10 +203,7 @@ class Intersection(_Composite):
     """Entries allowed by every term (``p & q``)."""
 
     name = "intersection"
-
-    @staticmethod
-    def _op(a, b):
-        return a & b
+    _op = staticmethod(operator.and_)
 
 
 @register
@@ -218,7 +212,4 @@ class Difference(_Composite):
     """Entries allowed by the first term and by none of the others (``p - q``)."""
 
     name = "difference"
-
-    @staticmethod
-    def _op(a, b):
-        return a - b
+    _op = staticmethod(operator.sub)

@@ -13,12 +13,8 @@ import numpy as np
 from ..alignment import DEFAULT_ALIGN
 from ..errors import RefattnError
 from ..mask import Mask
-from .base import Pattern, check_int, check_lengths, query_positions, register, rows_from_progressions, rows_from_ranges
-
-
-def _check_bool(value, name: str) -> None:
-    if not isinstance(value, bool):
-        raise RefattnError(f"{name} must be a bool, got {value!r}")
+from .base import (Pattern, check_bool, check_int, check_lengths, query_positions, register,
+                   rows_from_progressions, rows_from_ranges)
 
 
 def _residue_columns(residue: np.ndarray, step: int, last: np.ndarray, lq: int, lk: int) -> Mask:
@@ -66,7 +62,7 @@ class StridedDilated(Pattern):
 
     def __post_init__(self):
         check_int(self.stride, "strided_dilated.stride", 1)
-        _check_bool(self.causal, "strided_dilated.causal")
+        check_bool(self.causal, "strided_dilated.causal")
 
     def mask(self, lq: int, lk: int) -> Mask:
         lq, lk = check_lengths(lq, lk)
@@ -85,7 +81,7 @@ class Strided(Pattern):
 
     def __post_init__(self):
         check_int(self.stride, "strided.stride", 1)
-        _check_bool(self.causal, "strided.causal")
+        check_bool(self.causal, "strided.causal")
 
     def mask(self, lq: int, lk: int) -> Mask:
         lq, lk = check_lengths(lq, lk)
@@ -108,7 +104,7 @@ class Fixed(Pattern):
         check_int(self.summary, "fixed.summary", 0)
         if self.summary > self.block:
             raise RefattnError(f"fixed.summary must be <= block = {self.block}, got {self.summary}")
-        _check_bool(self.causal, "fixed.causal")
+        check_bool(self.causal, "fixed.causal")
 
     def mask(self, lq: int, lk: int) -> Mask:
         lq, lk = check_lengths(lq, lk)

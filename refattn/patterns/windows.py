@@ -10,7 +10,7 @@ import numpy as np
 from ..alignment import DEFAULT_ALIGN, check_align
 from ..errors import RefattnError
 from ..mask import Mask
-from .base import (Pattern, check_int, check_lengths, query_positions, register,
+from .base import (Pattern, check_bool, check_int, check_lengths, query_positions, register,
                    rows_from_prefix_and_range, rows_from_progressions, rows_from_ranges)
 
 
@@ -148,8 +148,7 @@ class Document(Pattern):
             if np.any(np.diff(ids) < 0):
                 raise RefattnError("document.segment_ids must be non-decreasing (documents are contiguous)")
             object.__setattr__(self, "segment_ids", tuple(ids.tolist()))
-        if not isinstance(self.causal, bool):
-            raise RefattnError(f"document.causal must be a bool, got {self.causal!r}")
+        check_bool(self.causal, "document.causal")
 
     def _lengths(self) -> np.ndarray:
         if self.lengths is not None:
