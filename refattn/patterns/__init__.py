@@ -7,13 +7,19 @@ and ``to_dict()`` / ``from_dict()`` serialize any of them. Rules: spec/patterns.
 
 from .base import Difference, Intersection, Pattern, Union, from_dict, get, names, register
 from .basic import Causal, Dense
+from .block_sparse import BlockSparse
+from .deepspeed import DeepSpeedBigBird, DeepSpeedBSLongformer, DeepSpeedFixed, DeepSpeedVariable
 from .global_tokens import GlobalTokens
+from .longformer import Longformer
+from .neighborhood import Neighborhood2D
 from .sparse_transformer import Fixed, Strided, StridedDilated, StridedLocal
+from .stochastic import BigBird, Random
 from .windows import ChunkedCausal, DilatedSlidingWindow, Document, PrefixLM, SinkWindow, SlidingWindow
 
 __all__ = [
-    "Causal", "ChunkedCausal", "Dense", "Difference", "DilatedSlidingWindow", "Document",
-    "Fixed", "GlobalTokens", "Intersection", "Pattern", "PrefixLM", "SinkWindow", "SlidingWindow", "Strided",
-    "StridedDilated", "StridedLocal", "Union",
+    "BigBird", "BlockSparse", "Causal", "ChunkedCausal", "DeepSpeedBigBird", "DeepSpeedBSLongformer",
+    "DeepSpeedFixed", "DeepSpeedVariable", "Dense", "Difference", "DilatedSlidingWindow", "Document",
+    "Fixed", "GlobalTokens", "Intersection", "Longformer", "Neighborhood2D", "Pattern", "PrefixLM", "Random",
+    "SinkWindow", "SlidingWindow", "Strided", "StridedDilated", "StridedLocal", "Union",
     "from_dict", "get", "names", "register",
 ]

@@ -33,3 +33,16 @@ def fill_two_ranges(indptr, a_hi, b_lo, indices):  # pragma: no cover - compiled
             indices[p] = j
             p += 1
             j += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_blocks(indptr, bindptr, bindices, block, lk, indices):  # pragma: no cover - compiled
+    """Row i holds the keys of the key blocks ``bindices[bindptr[i // block]:...]`` in order."""
+    for i in range(indptr.shape[0] - 1):
+        p = indptr[i]
+        qb = i // block
+        for t in range(bindptr[qb], bindptr[qb + 1]):
+            j0 = bindices[t] * block
+            for j in range(j0, min(j0 + block, lk)):
+                indices[p] = j
+                p += 1

@@ -16,7 +16,7 @@ import numpy as np
 from ..alignment import align_offset
 from ..errors import RefattnError
 from ..mask import Mask, _check_dim, _index_dtype
-from ._fill import fill, fill_two_ranges
+from ._fill import fill, fill_blocks, fill_two_ranges
 
 _REGISTRY: dict[str, type[Pattern]] = {}
 
@@ -26,7 +26,25 @@ class Pattern:
 
     name: ClassVar[str] = ""
 
-    def mask(self, lq: int, lk: int) -> Mask:  # pragma: no cover - abstract
+    def mask(self, lq: int, lk: int, *, heads: int | None = None) -> Mask:
+        """The pattern's `Mask` for ``lq`` queries and ``lk`` keys.
+
+        ``heads``: the number of query heads. A pattern that is the same for every head
+        returns one 2-D mask whatever ``heads`` is (it broadcasts over heads); a pattern
+        that differs per head (per-head layouts, per-head random draws) returns a
+        ``(1, heads, Lq, Lk)`` mask, and with ``heads=None`` its head-0 mask (2-D), or
+        every head its parameters define (a 3-D ``block_sparse`` layout).
+        """
+        lq, lk = check_lengths(lq, lk)
+        if heads is not None:
+            heads = check_int(heads, "heads", 1)
+        return self._build_heads(lq, lk, heads)
+
+    def _build_heads(self, lq: int, lk: int, heads: int | None) -> Mask:
+        """Per-head patterns override this; the rest build one 2-D mask."""
+        return self._build(lq, lk)
+
+    def _build(self, lq: int, lk: int) -> Mask:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def to_dict(self) -> dict:
@@ -160,6 +178,19 @@ def rows_from_prefix_and_range(a_hi: np.ndarray, b_lo: np.ndarray, b_hi: np.ndar
     return _finish(indptr, indices, lq, lk)
 
 
+def rows_from_block_csr(bindptr: np.ndarray, bindices: np.ndarray, block: int, lq: int, lk: int) -> Mask:
+    """Row i allows every key of the key blocks ``bindices[bindptr[I]:bindptr[I + 1]]``
+    (sorted, unique) of its query block ``I = i // block``; the last key block stops at Lk.
+    O(nbq + nnz): the layout is never expanded to a dense ``[nbq, nbk]`` array."""
+    bindptr = np.asarray(bindptr, np.int64)
+    bindices = np.asarray(bindices, np.int64)
+    width = np.minimum(block, lk - bindices * block)             # keys in each listed block
+    per_block_row = np.add.reduceat(np.append(width, 0), bindptr[:-1]) * (np.diff(bindptr) > 0)
+    indptr, indices = _allocate(per_block_row[np.arange(lq) // block], lq, lk)
+    fill_blocks(indptr, bindptr, bindices, np.int64(block), np.int64(lk), indices)
+    return _finish(indptr, indices, lq, lk)
+
+
 def query_positions(lq: int, lk: int, align: str) -> np.ndarray:
     """``i' = i + offset`` for every query row (spec/semantics.md, section 6)."""
     return np.arange(lq, dtype=np.int64) + align_offset(align, lq, lk)
@@ -184,8 +215,9 @@ class _Composite(Pattern):
             raise RefattnError(f"pattern {cls.name!r}: 'terms' must be a list of pattern dicts")
         return cls(terms=tuple(t if isinstance(t, Pattern) else from_dict(t) for t in terms))
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        return functools.reduce(self._op, (t.mask(lq, lk) for t in self.terms))
+    def _build_heads(self, lq: int, lk: int, heads: int | None) -> Mask:
+        # Per-head terms give (1, H) stacks; the set operations broadcast 2-D terms over them.
+        return functools.reduce(self._op, (t.mask(lq, lk, heads=heads) for t in self.terms))
 
 
 @register

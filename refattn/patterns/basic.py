@@ -8,7 +8,7 @@ import numpy as np
 
 from ..alignment import DEFAULT_ALIGN, align_offset, check_align
 from ..mask import Mask
-from .base import Pattern, check_lengths, register, rows_from_ranges
+from .base import Pattern, register, rows_from_ranges
 
 
 @register
@@ -18,8 +18,7 @@ class Dense(Pattern):
 
     name = "dense"
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         return Mask.full(lq, lk)
 
 
@@ -36,7 +35,6 @@ class Causal(Pattern):
     def __post_init__(self):
         check_align(self.align)
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         i = np.arange(lq, dtype=np.int64)
         return rows_from_ranges(np.zeros(lq, np.int64), i + align_offset(self.align, lq, lk) + 1, lq, lk)

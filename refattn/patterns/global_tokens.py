@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import RefattnError
 from ..mask import Mask
-from .base import Pattern, check_lengths, register
+from .base import Pattern, register
 
 
 @register
@@ -30,8 +30,7 @@ class GlobalTokens(Pattern):
             raise RefattnError("global_tokens.indices must be unique")
         object.__setattr__(self, "indices", tuple(sorted(idx.tolist())))
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         g = np.array(self.indices, dtype=np.int64)
         if g.size and g.max() >= max(lq, lk):
             raise RefattnError(f"global_tokens: index {g.max()} is beyond both Lq = {lq} and Lk = {lk}")

@@ -13,7 +13,7 @@ import numpy as np
 from ..alignment import DEFAULT_ALIGN
 from ..errors import RefattnError
 from ..mask import Mask
-from .base import (Pattern, check_bool, check_int, check_lengths, query_positions, register,
+from .base import (Pattern, check_bool, check_int, query_positions, register,
                    rows_from_progressions, rows_from_ranges)
 
 
@@ -46,8 +46,7 @@ class StridedLocal(Pattern):
     def __post_init__(self):
         check_int(self.stride, "strided_local.stride", 1)
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         return _local(self.stride, lq, lk)
 
 
@@ -64,8 +63,7 @@ class StridedDilated(Pattern):
         check_int(self.stride, "strided_dilated.stride", 1)
         check_bool(self.causal, "strided_dilated.causal")
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         return _dilated(self.stride, self.causal, lq, lk)
 
 
@@ -83,8 +81,7 @@ class Strided(Pattern):
         check_int(self.stride, "strided.stride", 1)
         check_bool(self.causal, "strided.causal")
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         return _local(self.stride, lq, lk) | _dilated(self.stride, self.causal, lq, lk)
 
 
@@ -106,8 +103,7 @@ class Fixed(Pattern):
             raise RefattnError(f"fixed.summary must be <= block = {self.block}, got {self.summary}")
         check_bool(self.causal, "fixed.causal")
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         b = self.block
         ip = query_positions(lq, lk, DEFAULT_ALIGN)
         start = np.where(ip >= 0, ip // b * b, lk)          # rows before key 0 have no block

@@ -10,7 +10,7 @@ import numpy as np
 from ..alignment import DEFAULT_ALIGN, check_align
 from ..errors import RefattnError
 from ..mask import Mask
-from .base import (Pattern, check_bool, check_int, check_lengths, query_positions, register,
+from .base import (Pattern, check_bool, check_int, query_positions, register,
                    rows_from_prefix_and_range, rows_from_progressions, rows_from_ranges)
 
 
@@ -30,8 +30,7 @@ class SlidingWindow(Pattern):
         check_int(self.right, "sliding_window.right")
         check_align(self.align, "sliding_window.align")
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         ip = query_positions(lq, lk, self.align)
         return rows_from_ranges(ip - self.left, ip + self.right + 1, lq, lk)
 
@@ -54,8 +53,7 @@ class DilatedSlidingWindow(Pattern):
         check_int(self.dilation, "dilated_sliding_window.dilation", 1)
         check_align(self.align, "dilated_sliding_window.align")
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         d = self.dilation
         ip = query_positions(lq, lk, self.align)
         # j = i' + d t: the window gives -(left // d) <= t <= right // d, and 0 <= j < Lk gives
@@ -76,8 +74,7 @@ class PrefixLM(Pattern):
     def __post_init__(self):
         check_int(self.prefix, "prefix_lm.prefix")
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         ip = query_positions(lq, lk, DEFAULT_ALIGN)
         return rows_from_ranges(np.zeros(lq, np.int64), np.maximum(self.prefix, ip + 1), lq, lk)
 
@@ -93,8 +90,7 @@ class ChunkedCausal(Pattern):
     def __post_init__(self):
         check_int(self.chunk, "chunked_causal.chunk", 1)
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         ip = query_positions(lq, lk, DEFAULT_ALIGN)
         lo = np.where(ip >= 0, ip // self.chunk * self.chunk, 0)
         return rows_from_ranges(lo, ip + 1, lq, lk)
@@ -114,8 +110,7 @@ class SinkWindow(Pattern):
         check_int(self.sinks, "sink_window.sinks")
         check_int(self.window, "sink_window.window", 1)
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         ip = query_positions(lq, lk, DEFAULT_ALIGN)
         return rows_from_prefix_and_range(np.minimum(self.sinks, ip + 1), ip - self.window + 1, ip + 1, lq, lk)
 
@@ -156,8 +151,7 @@ class Document(Pattern):
         _, counts = np.unique(np.array(self.segment_ids), return_counts=True)
         return counts.astype(np.int64)
 
-    def mask(self, lq: int, lk: int) -> Mask:
-        lq, lk = check_lengths(lq, lk)
+    def _build(self, lq: int, lk: int) -> Mask:
         lengths = self._lengths()
         total = int(lengths.sum())
         if not (lq == lk == total):
