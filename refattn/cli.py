@@ -19,10 +19,10 @@ import time
 import ml_dtypes
 import numpy as np
 
-from . import __version__, backends, patterns
+from . import __version__, analysis, backends, patterns
 from .alignment import ALIGNMENTS, DEFAULT_ALIGN
 from .attention import backward, forward
-from .draw import draw
+from .draw import draw, write_png
 from .errors import RefattnError
 
 DTYPES = {
@@ -49,6 +49,7 @@ def _int_at_least(lowest: int):
 
 
 _positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0)
 _nonneg_int = _int_at_least(0)
 
 
@@ -191,17 +192,29 @@ def add_show(sub) -> None:
                    help="a pattern parameter; repeat for several")
     p.add_argument("--max-size", type=_positive_int, default=64,
                    help="largest picture side in characters (default 64)")
+    p.add_argument("--heads", type=_positive_int, default=None,
+                   help="number of heads, for patterns that differ per head")
+    p.add_argument("--head", type=_nonnegative_int, default=0, help="which head to show (default 0)")
+    p.add_argument("--png", metavar="FILE", default=None,
+                   help="also write the mask as a PNG picture (black allowed, white removed)")
 
 
 def cmd_show(args) -> int:
     pat = patterns.get(args.name, **dict(args.param))
     lk = args.lk or args.lq
-    m = pat.mask(args.lq, lk)
-    counts = m.row_counts()
-    print(f"{json.dumps(pat.to_dict())}  Lq={args.lq} Lk={lk}")
-    print(draw(m, max_size=args.max_size))
-    print(f"nnz={m.nnz} density={m.density:.6g} row keys min/mean/max="
-          f"{counts.min()}/{counts.mean():.4g}/{counts.max()} empty rows={int((counts == 0).sum())}")
+    m = pat.mask(args.lq, lk, heads=args.heads)
+    heads = m.group_shape[1]
+    if args.head >= heads:
+        raise RefattnError(f"--head {args.head} is out of range: this mask has {heads} head(s)")
+    st = analysis.stats(m, h=args.head)
+    where = f" head={args.head} of {heads}" if heads > 1 else ""
+    print(f"{json.dumps(pat.to_dict())}  Lq={args.lq} Lk={lk}{where}")
+    print(draw(m, max_size=args.max_size, h=args.head))
+    print(f"nnz={st.nnz} density={st.density:.6g} row keys min/mean/max="
+          f"{st.row_min}/{st.row_mean:.4g}/{st.row_max} empty rows={st.empty_rows}")
+    if args.png:
+        width, height = write_png(m, args.png, h=args.head)
+        print(f"wrote {args.png} ({width} x {height} pixels)")
     return 0
 
 

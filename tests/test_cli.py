@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -168,3 +169,33 @@ def test_closed_pipe_is_not_an_error():
                           capture_output=True, text=True)
     assert proc.stdout.strip() == "#" * 2000
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", patterns.names())
+def test_show_works_for_every_pattern(capsys, name):
+    from refattn.patterns.examples import example
+    p = example(name, 16, 16)
+    params = [f"{k}={json.dumps(v)}" for k, v in p.to_dict().items() if k != "name"]
+    rc, out, err = run_cli(capsys, "show", name, "--lq", "16", *sum((["--param", x] for x in params), []))
+    assert rc == 0, err
+    from refattn.draw import draw
+    assert out.splitlines()[1:17] == draw(p.mask(16, 16)).splitlines()
+
+
+def test_show_heads_and_png(capsys, tmp_path):
+    from refattn.draw import draw
+    path = tmp_path / "m.png"
+    rc, out, _ = run_cli(capsys, "show", "random", "--lq", "12", "--param", "per_row=2", "--heads", "3",
+                         "--head", "2", "--png", str(path))
+    assert rc == 0
+    m = patterns.Random(2).mask(12, 12, heads=3)
+    assert "head=2 of 3" in out.splitlines()[0]
+    assert out.splitlines()[1:13] == draw(m, h=2).splitlines()
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (504, 504)          # 12 cells x 42 pixels
+    assert f"wrote {path} (504 x 504 pixels)" in out
+    rc, _, err = run_cli(capsys, "show", "random", "--param", "per_row=2", "--head", "1")
+    assert rc == 1 and "--head 1 is out of range: this mask has 1 head(s)" in err
+    rc, _, err = run_cli(capsys, "show", "causal", "--png", str(tmp_path / "no" / "x.png"))
+    assert rc == 1 and "cannot write" in err

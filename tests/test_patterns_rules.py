@@ -140,22 +140,6 @@ def test_parameter_errors(call, message):
         call()
 
 
-@pytest.mark.parametrize("pattern", [
-    patterns.SlidingWindow(3, 0), patterns.DilatedSlidingWindow(4, 4, 2), patterns.PrefixLM(4),
-    patterns.ChunkedCausal(4), patterns.SinkWindow(2, 3), patterns.Document(lengths=[5, 7], causal=True),
-    patterns.GlobalTokens([0, 7]), patterns.SlidingWindow(2, 2) | patterns.GlobalTokens([0]),
-], ids=lambda p: p.name)
-def test_forward_through_the_oracle(pattern, rng):
-    """Attention under each pattern equals attention with the same mask given densely."""
-    L = 12
-    q, k, v = (rng.standard_normal((1, 2, L, 4)) for _ in range(3))
-    m = pattern.mask(L, L)
-    a = refattn.forward(q, k, v, m)
-    b = refattn.forward(q, k, v, Mask.from_dense(m.to_dense()))
-    np.testing.assert_array_equal(a.out, b.out)
-    assert np.all(np.isfinite(a.lse) == (m.row_counts() > 0))
-
-
 def test_builders_write_the_final_index_dtype_without_copies():
     m = patterns.SlidingWindow(3, 1).mask(50, 40)
     assert m.csr.indices.dtype == m.csr.indptr.dtype == np.int32
