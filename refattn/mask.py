@@ -404,6 +404,29 @@ class Mask:
     def __repr__(self) -> str:
         return f"Mask(shape={self.shape}, nnz={self.nnz}, density={self.density:.4g})"
 
+    # ---- block layouts (refattn/blocks.py, spec/blocks.md) ------------------------------
+    def blocks(self, block_q: int, block_k: int | None = None):
+        """The non-empty ``block_q x block_k`` tiles of every group, each full or partial
+        (a `refattn.blocks.BlockLayout`); ``block_k`` defaults to ``block_q``."""
+        from .blocks import blocks
+
+        return blocks(self, block_q, block_k)
+
+    def to_layout(self, block_q: int, block_k: int | None = None, *, heads: int | None = None):
+        """The block-sparse layout ``[H, nbq, nbk]`` (int64, 1 where a tile is non-empty)
+        of DeepSpeed / Triton block-sparse kernels; see `refattn.blocks.to_layout`."""
+        from .blocks import to_layout
+
+        return to_layout(self, block_q, block_k, heads=heads)
+
+    def to_flex_block_mask(self, block_size=128, *, batch: int | None = None,
+                           heads: int | None = None):
+        """The fields of PyTorch FlexAttention's ``BlockMask`` as NumPy arrays (a
+        `refattn.blocks.FlexBlockArrays`); see `refattn.blocks.to_flex_block_mask`."""
+        from .blocks import to_flex_block_mask
+
+        return to_flex_block_mask(self, block_size, batch=batch, heads=heads)
+
 
 _PRIVATE = object()
 

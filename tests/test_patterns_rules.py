@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import refattn
 from refattn import Mask, RefattnError, patterns
 
 lengths = st.integers(1, 24)
