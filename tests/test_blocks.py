@@ -408,3 +408,35 @@ def test_to_torch_block_mask(shape, density, block_size, batch, heads):
     want = refattn.forward(q, k, v, m).out
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-10, atol=1e-12)
 
+
+
+def _rule_cases():
+    """(pattern, the same rule as a FlexAttention mask_mod over tensors, Lq, Lk)."""
+    from refattn import patterns as P
+    return [
+        (P.Causal(), lambda b, h, q, kv: kv <= q + 5, 27, 32),                      # bottom_right offset 5
+        (P.SlidingWindow(7, 0), lambda b, h, q, kv: (q - kv >= 0) & (q - kv <= 7), 100, 100),
+        (P.SlidingWindow(3, 4, "top_left"), lambda b, h, q, kv: (kv - q >= -3) & (kv - q <= 4), 40, 70),
+        (P.PrefixLM(20), lambda b, h, q, kv: (kv < 20) | (kv <= q), 64, 64),
+        (P.ChunkedCausal(16), lambda b, h, q, kv: (q // 16 == kv // 16) & (kv <= q), 70, 70),
+        (P.SinkWindow(4, 16), lambda b, h, q, kv: (kv <= q) & ((kv < 4) | (q - kv < 16)), 90, 90),
+        (P.Strided(8), lambda b, h, q, kv: (kv <= q) & ((q - kv < 8) | ((q - kv) % 8 == 0)), 64, 64),
+    ]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("block_size", [8, (16, 8)])
+def test_flex_export_equals_create_block_mask_for_the_same_rule(case, block_size):
+    """A pattern's export equals FlexAttention's own block mask for the rule written as a
+    mask_mod (not derived from our mask): the rule, the tiling and the padding all agree."""
+    torch = pytest.importorskip("torch")
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    pattern, mask_mod, lq, lk = _rule_cases()[case]
+    ref = create_block_mask(mask_mod, 1, 1, lq, lk, device="cpu", BLOCK_SIZE=block_size)
+    ours = pattern.mask(lq, lk).to_flex_block_mask(block_size, batch=1, heads=1)
+    for name in FlexBlockArrays.ARRAYS:
+        t = getattr(ref, name)
+        assert t.dtype == torch.int32, name
+        assert np.array_equal(t.numpy(), getattr(ours, name)), (pattern, name)

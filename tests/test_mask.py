@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refattn import Mask, RefattnError
 from refattn.mask import _index_dtype
@@ -167,3 +169,22 @@ def test_group_index_is_checked(rng):
 def test_stack_rejects_non_sequences(arg):
     with pytest.raises(RefattnError, match="Mask.stack: expected"):
         Mask.stack(arg)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), lq=st.integers(1, 6), lk=st.integers(1, 9),
+       dtypes=st.sampled_from([(np.int32, np.int32), (np.int32, np.int64), (np.int64, np.int32)]))
+def test_compiled_merge_matches_numpy_set_operations(data, lq, lk, dtypes):
+    """The row-wise merge behind |, &, - (any index dtypes) against numpy's set routines."""
+    from refattn._csr_merge import DIFFERENCE, INTERSECTION, UNION, merge
+
+    def csr(dtype):
+        rows = [sorted(data.draw(st.sets(st.integers(0, lk - 1)))) for _ in range(lq)]
+        indptr = np.cumsum([0] + [len(r) for r in rows]).astype(dtype)
+        return indptr, np.array([j for r in rows for j in r], dtype), rows
+
+    (ap, ai, ra), (bp, bi, rb) = csr(dtypes[0]), csr(dtypes[1])
+    for op, fn in ((UNION, np.union1d), (INTERSECTION, np.intersect1d), (DIFFERENCE, np.setdiff1d)):
+        indptr, indices = merge(op, ap, ai, bp, bi, lambda nnz: np.dtype(np.int64))
+        got = [indices[indptr[r]:indptr[r + 1]].tolist() for r in range(lq)]
+        assert got == [fn(x, y).astype(int).tolist() for x, y in zip(ra, rb)]
