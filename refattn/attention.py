@@ -42,7 +42,7 @@ def _check_grads(g: Grads) -> Grads:
 
 
 def forward(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=None,
-            backend: str = "dense") -> Result:
+            backend: str = "dense", compute_dtype=None, options: dict | None = None) -> Result:
     """Attention forward: ``Result(out, lse)`` (spec/semantics.md).
 
     Parameters
@@ -62,21 +62,30 @@ def forward(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=
         Explicit keep-mask on the mask's nonzeros; ``O = (P * Z / (1 - p)) V``.
     backend : str
         One of ``refattn.backends.names()``.
+    compute_dtype : dtype or None
+        The precision the backend computes in: float64 (every backend's default; the
+        only one of ``dense``) or float32 (``sparse``, ``tiled``: the kernel rounds as a
+        float32 kernel would). Results come back in this dtype.
+    options : dict or None
+        The backend's own tuning options, e.g. ``{"block_q": 64, "block_k": 64}`` for
+        ``tiled``; unknown options are errors.
 
     Returns
     -------
     Result(out, lse)
         ``out`` (B, H, Lq, Dv) and ``lse`` (B, H, Lq), natural log; a row with no
-        allowed key has ``out = 0`` and ``lse = -inf``. The dense backend returns float64.
+        allowed key has ``out = 0`` and ``lse = -inf``.
     """
     impl = backends.get(backend)
+    config = backends.configure(impl, backend, compute_dtype, options)
     problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as an error
-        return _check_result(impl.forward(problem))
+        return _check_result(impl.forward(problem, config))
 
 
 def backward(q, k, v, out, lse, dout, mask=None, *, scale=None, softcap=None, bias=None,
-             dropout=None, dlse=None, backend: str = "dense") -> Grads:
+             dropout=None, dlse=None, backend: str = "dense", compute_dtype=None,
+             options: dict | None = None) -> Grads:
     """Attention backward: ``Grads(dq, dk, dv, dbias)`` (spec/backward.md).
 
     Takes the forward's inputs and its ``out`` and ``lse``, the upstream gradient
@@ -84,10 +93,12 @@ def backward(q, k, v, out, lse, dout, mask=None, *, scale=None, softcap=None, bi
     Probabilities are recomputed from ``lse``, never stored. ``lse`` must be -inf
     exactly on the rows with no allowed key. ``dk``/``dv`` sum over the query heads
     of each GQA group; ``dbias`` has the layout of ``bias`` (for `ALiBi`, the
-    gradient with respect to its slopes), or is None without a bias.
+    gradient with respect to its slopes), or is None without a bias. ``backend``,
+    ``compute_dtype`` and ``options`` as in `forward`.
     """
     impl = backends.get(backend)
+    config = backends.configure(impl, backend, compute_dtype, options)
     problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout)
     out, lse, dout, dlse = check_backward_inputs(problem, out, lse, dout, dlse)
     with np.errstate(over="ignore", invalid="ignore"):
-        return _check_grads(impl.backward(problem, out, lse, dout, dlse))
+        return _check_grads(impl.backward(problem, out, lse, dout, dlse, config))

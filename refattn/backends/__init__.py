@@ -1,21 +1,62 @@
 """Backends: interchangeable implementations of the one contract (refattn.contract).
 
-Each backend module provides ``forward(problem) -> Result`` and
-``backward(problem, out, lse, dout, dlse) -> Grads`` over validated input, where
-``out``, ``lse``, ``dout`` and ``dlse`` (or None) are float64.
+Each backend module provides ``forward(problem, config) -> Result`` and
+``backward(problem, out, lse, dout, dlse, config) -> Grads`` over validated input, where
+``out``, ``lse``, ``dout`` and ``dlse`` (or None) are float64 and ``config`` is a
+`Config`; and ``COMPUTE_DTYPES`` (the dtypes it computes in, its default first) and
+``OPTIONS`` (``{name: (validator, default)}`` of its own tuning options).
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from dataclasses import dataclass
+from types import MappingProxyType, ModuleType
+
+import numpy as np
 
 from ..errors import RefattnError
 
 # name -> (module, short description). Later backends register here.
 _BACKENDS: dict[str, tuple[str, str]] = {
     "dense": ("refattn.backends.dense", "float64 dense oracle, the executable spec"),
+    "sparse": ("refattn.backends.sparse", "SciPy: SDDMM on the nonzeros, segmented softmax, SpMM"),
+    "tiled": ("refattn.backends.tiled", "FlashAttention-2 in NumPy: tiles, online softmax"),
 }
+
+
+@dataclass(frozen=True)
+class Config:
+    """How a backend runs one call: the dtype it computes in and its validated options."""
+
+    compute_dtype: np.dtype
+    options: MappingProxyType
+
+
+def configure(impl: ModuleType, name: str, compute_dtype, options) -> Config:
+    """Check ``compute_dtype`` and ``options`` against what backend ``impl`` accepts."""
+    allowed = [np.dtype(d) for d in impl.COMPUTE_DTYPES]
+    if compute_dtype is None:
+        dtype = allowed[0]
+    else:
+        try:
+            dtype = np.dtype(compute_dtype)
+        except TypeError:
+            dtype = None
+        if dtype not in allowed:
+            raise RefattnError(f"compute_dtype: backend {name!r} computes in {[str(d) for d in allowed]}, "
+                               f"got {compute_dtype!r}")
+    given = {} if options is None else options
+    if not isinstance(given, dict):
+        raise RefattnError(f"options: expected a dict, got {type(given).__name__}")
+    unknown = sorted(set(given) - set(impl.OPTIONS))
+    if unknown:
+        raise RefattnError(f"options: backend {name!r} takes {sorted(impl.OPTIONS) or 'no options'}, "
+                           f"got unknown {unknown}")
+    resolved = {}
+    for key, (check, default) in impl.OPTIONS.items():
+        resolved[key] = check(given[key], f"options[{key!r}]") if key in given else default
+    return Config(dtype, MappingProxyType(resolved))
 
 
 def names() -> list[str]:

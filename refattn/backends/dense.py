@@ -16,6 +16,10 @@ import numpy as np
 from ..bias import ALiBi, SparseBias
 from ..contract import DenseBias, Grads, Problem, Result
 
+#: The oracle computes in float64 only, and has no options.
+COMPUTE_DTYPES = (np.float64,)
+OPTIONS: dict = {}
+
 #: Scores per chunk (rows * Lk); 2**21 float64 = 16 MiB per chunk-sized array.
 ROW_CHUNK_ELEMENTS = 1 << 21
 
@@ -91,7 +95,7 @@ def _probabilities(S, L):
     return P
 
 
-def forward(p: Problem) -> Result:
+def forward(p: Problem, config=None) -> Result:
     B, H, Lq, Dv = p.batch, p.heads, p.lq, p.dim_v
     q, k, v = (x.astype(np.float64) for x in (p.q, p.k, p.v))
     O = np.zeros((B, H, Lq, Dv))
@@ -117,7 +121,7 @@ def forward(p: Problem) -> Result:
     return Result(O, L)
 
 
-def backward(p: Problem, out, lse, dout, dlse) -> Grads:
+def backward(p: Problem, out, lse, dout, dlse, config=None) -> Grads:
     """Gradients from ``(Q, K, V, O, L, dO)``; ``P`` is recomputed from ``L`` per chunk."""
     B, H, Lq, Lk = p.batch, p.heads, p.lq, p.lk
     q, k, v = (x.astype(np.float64) for x in (p.q, p.k, p.v))
