@@ -190,7 +190,7 @@ def _accumulate_dbias(p: Problem, dbias, dS, ch: _Chunk, b: int, h: int) -> None
     if isinstance(p.bias, DenseBias):
         bb, hb, lqb, lkb = dbias.shape
         target = dbias[b if bb > 1 else 0, h if hb > 1 else 0]
-        flat = (ch.i if lqb > 1 else 0) * lkb + (ch.c if lkb > 1 else 0)
+        flat = np.broadcast_to((ch.i if lqb > 1 else 0) * lkb + (ch.c if lkb > 1 else 0), dS.shape)
         target += np.bincount(flat, weights=dS, minlength=lqb * lkb).reshape(lqb, lkb).astype(dbias.dtype)
     elif isinstance(p.bias, SparseBias):
         bv, hv = p.bias.grid.shape
