@@ -93,6 +93,8 @@ def add_run(sub) -> None:
     p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
     p.add_argument("--backend", default="dense",
                    help=f"backend, one of {backends.names()} (default dense)")
+    p.add_argument("--compute-dtype", choices=["float64", "float32"], default=None,
+                   help="precision the backend computes in (default: the backend's, float64)")
     p.add_argument("--backward", action="store_true", help="also run the backward")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -122,24 +124,27 @@ def cmd_run(args) -> int:
         "backend": args.backend,
         "pattern": pat.to_dict(),
         "dtype": args.dtype,
+        "compute_dtype": args.compute_dtype or str(np.dtype(backends.get(args.backend).COMPUTE_DTYPES[0])),
         "q": list(q.shape), "k": list(k.shape), "v": list(v.shape),
         "nnz": mask.nnz, "density": mask.density,
     }
     t0 = time.perf_counter()
-    r = forward(q, k, v, mask, backend=args.backend)
+    r = forward(q, k, v, mask, backend=args.backend, compute_dtype=args.compute_dtype)
     report["forward_s"] = time.perf_counter() - t0
     report["out"] = checksum(r.out)
     report["lse"] = checksum(r.lse)
     if args.backward:
         t0 = time.perf_counter()
-        g = backward(q, k, v, r.out, r.lse, dout, mask, backend=args.backend)
+        g = backward(q, k, v, r.out, r.lse, dout, mask, backend=args.backend,
+                     compute_dtype=args.compute_dtype)
         report["backward_s"] = time.perf_counter() - t0
         for name in ("dq", "dk", "dv"):
             report[name] = checksum(getattr(g, name))
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"refattn {__version__}  backend={args.backend}  pattern={pat.to_dict()}  dtype={args.dtype}")
+    print(f"refattn {__version__}  backend={args.backend}  pattern={pat.to_dict()}  dtype={args.dtype}"
+          f"  compute={report['compute_dtype']}")
     print(f"q {tuple(q.shape)}  k {tuple(k.shape)}  v {tuple(v.shape)}")
     print(f"mask nnz={mask.nnz}  density={mask.density:.6g}")
     print(f"forward   {report['forward_s'] * 1e3:10.2f} ms")

@@ -199,3 +199,21 @@ def test_show_heads_and_png(capsys, tmp_path):
     assert rc == 1 and "--head 1 is out of range: this mask has 1 head(s)" in err
     rc, _, err = run_cli(capsys, "show", "causal", "--png", str(tmp_path / "no" / "x.png"))
     assert rc == 1 and "cannot write" in err
+
+
+@pytest.mark.parametrize("backend", ["sparse", "tiled"])
+def test_run_other_backends_and_compute_dtype(capsys, backend):
+    argv = ["run", "--lq", "40", "--heads", "2", "--pattern", "causal", "--backward", "--json"]
+    _, out, _ = run_cli(capsys, *argv)
+    ref = json.loads(out)
+    rc, out, _ = run_cli(capsys, *argv, "--backend", backend)
+    got = json.loads(out)
+    assert rc == 0 and got["backend"] == backend and got["compute_dtype"] == "float64"
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert got[name]["sum"] == pytest.approx(ref[name]["sum"], rel=1e-12, abs=1e-12)
+    rc, out, _ = run_cli(capsys, *argv, "--backend", backend, "--compute-dtype", "float32")
+    got32 = json.loads(out)
+    assert rc == 0 and got32["compute_dtype"] == "float32"
+    assert got32["out"]["sum"] == pytest.approx(ref["out"]["sum"], rel=1e-4)
+    rc, _, err = run_cli(capsys, "run", "--lq", "4", "--compute-dtype", "float32")
+    assert rc == 1 and "backend 'dense' computes in ['float64']" in err
