@@ -46,3 +46,32 @@ def fill_blocks(indptr, bindptr, bindices, block, lk, indices):  # pragma: no co
             for j in range(j0, min(j0 + block, lk)):
                 indices[p] = j
                 p += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_fixed(ip, block, summary, causal, lk, indptr, indices, write):  # pragma: no cover - compiled
+    """Sparse Transformer ``fixed`` rows, in increasing key order: the summary columns of
+    the blocks before the query's own, its own block (up to ``i'`` when causal), then, when
+    not causal, the summary columns after it. ``write=False`` stores each row's count in
+    ``indptr[i + 1]``; ``write=True`` writes the keys from ``indptr[i]``."""
+    for i in range(ip.shape[0]):
+        n = indptr[i] if write else 0
+        own = ip[i] // block if ip[i] >= 0 else -1
+        last = min(ip[i], lk - 1) if causal else lk - 1
+        own_lo = own * block
+        own_hi = min(own_lo + block - 1, last) if own >= 0 else -1
+        t = 0
+        while t * block < lk:
+            if t == own:
+                for j in range(own_lo, own_hi + 1):
+                    if write:
+                        indices[n] = j
+                    n += 1
+            else:
+                for j in range(t * block + block - summary, min(t * block + block, last + 1)):
+                    if write:
+                        indices[n] = j
+                    n += 1
+            t += 1
+        if not write:
+            indptr[i + 1] = n

@@ -13,7 +13,8 @@ import numpy as np
 from ..alignment import DEFAULT_ALIGN
 from ..errors import RefattnError
 from ..mask import Mask
-from .base import (Pattern, check_bool, check_int, query_positions, register,
+from ._fill import fill_fixed
+from .base import (Pattern, _allocate, _finish, check_bool, check_int, query_positions, register,
                    rows_from_progressions, rows_from_ranges)
 
 
@@ -104,12 +105,11 @@ class Fixed(Pattern):
         check_bool(self.causal, "fixed.causal")
 
     def _build(self, lq: int, lk: int) -> Mask:
-        b = self.block
+        # One compiled pass per row, in key order: O(Lq + nnz), the CSR its only large array.
         ip = query_positions(lq, lk, DEFAULT_ALIGN)
-        start = np.where(ip >= 0, ip // b * b, lk)          # rows before key 0 have no block
-        end = np.minimum(ip + 1, start + b) if self.causal else start + b
-        out = rows_from_ranges(start, end, lq, lk)
-        last = np.minimum(ip, lk - 1) if self.causal else np.full(lq, lk - 1, np.int64)
-        for c in range(b - self.summary, b):               # one progression per summary column
-            out = out | _residue_columns(np.full(lq, c, np.int64), b, last, lq, lk)
-        return out
+        counts = np.zeros(lq + 1, np.int64)
+        args = (ip, np.int64(self.block), np.int64(self.summary), self.causal, np.int64(lk))
+        fill_fixed(*args, counts, np.empty(0, np.int64), False)
+        indptr, indices = _allocate(counts[1:], lq, lk)
+        fill_fixed(*args, indptr, indices, True)
+        return _finish(indptr, indices, lq, lk)
