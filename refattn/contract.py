@@ -251,3 +251,25 @@ def check_backward_inputs(p: Problem, out, lse, dout, dlse):
         require_finite(dlse, "dlse")
         dlse = dlse.astype(np.float64)
     return out.astype(np.float64), lse, dout.astype(np.float64), dlse
+
+
+# ---- dbias layout: shared bookkeeping (the arithmetic that fills it stays per backend) --
+def dbias_zeros(p: Problem, dtype=np.float64):
+    """Zeros in the layout ``dbias`` takes for ``p.bias``: the dense bias's 4-D view, the
+    sparse bias's per-group leaves, ALiBi's ``(H,)`` slopes; None without a bias."""
+    if isinstance(p.bias, DenseBias):
+        return np.zeros(p.bias.values.shape, dtype)
+    if isinstance(p.bias, SparseBias):
+        return [[np.zeros(x.shape, dtype) for x in row] for row in p.bias.grid.grid]
+    if isinstance(p.bias, ALiBi):
+        return np.zeros(p.heads, dtype)
+    return None
+
+
+def dbias_result(p: Problem, dbias):
+    """``dbias`` reshaped to the layout the caller gave the bias in."""
+    if isinstance(p.bias, DenseBias):
+        return dbias.reshape(p.bias.shape)
+    if isinstance(p.bias, SparseBias) and not p.bias.grid.ragged:
+        return np.array(dbias).reshape(np.shape(p.bias.values))
+    return dbias

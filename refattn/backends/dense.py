@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..bias import ALiBi, SparseBias
-from ..contract import DenseBias, Grads, Problem, Result
+from ..contract import DenseBias, Grads, Problem, Result, dbias_result, dbias_zeros
 
 #: The oracle computes in float64 only, and has no options.
 COMPUTE_DTYPES = (np.float64,)
@@ -128,7 +128,7 @@ def backward(p: Problem, out, lse, dout, dlse, config=None) -> Grads:
     dq = np.zeros(q.shape)
     dk = np.zeros(k.shape)
     dv = np.zeros(v.shape)
-    dbias = _zero_dbias(p)
+    dbias = dbias_zeros(p)
     Dsum = np.sum(dout * out, axis=-1)  # D = rowsum(dO * O), (B, H, Lq)
     for b in range(B):
         for h in range(H):
@@ -149,20 +149,10 @@ def backward(p: Problem, out, lse, dout, dlse, config=None) -> Grads:
                     dS = dS * (1.0 - T * T)                      # d(c tanh(x/c))/dx
                 dq[b, h, rows] = p.scale * (dS @ K)              # dQ = scale dS K
                 dk[b, g] += p.scale * (dS.T @ Q[rows])           # dK = scale dS^T Q
-    return Grads(dq, dk, dv, _finish_dbias(p, dbias))
+    return Grads(dq, dk, dv, dbias_result(p, dbias))
 
 
 # ---- dbias, in the layout of the bias that was given ----------------------------------
-def _zero_dbias(p: Problem):
-    if isinstance(p.bias, DenseBias):
-        return np.zeros(p.bias.values.shape)
-    if isinstance(p.bias, SparseBias):
-        return [[np.zeros_like(x) for x in row] for row in p.bias.grid.grid]
-    if isinstance(p.bias, ALiBi):
-        return np.zeros(p.heads)
-    return None
-
-
 def _accumulate_dbias(p: Problem, dbias, dS, b, h, rows) -> None:
     if isinstance(p.bias, DenseBias):
         bb, hb, lqb, lkb = dbias.shape
@@ -179,11 +169,3 @@ def _accumulate_dbias(p: Problem, dbias, dS, b, h, rows) -> None:
         dbias[b if bv > 1 else 0][h if hv > 1 else 0][lo:hi] += _gather_nonzeros(csr, rows, dS)
     elif isinstance(p.bias, ALiBi):
         dbias[h] += np.sum(dS * p.bias.distance(rows, p.lq, p.lk))
-
-
-def _finish_dbias(p: Problem, dbias):
-    if isinstance(p.bias, DenseBias):
-        return dbias.reshape(p.bias.shape)
-    if isinstance(p.bias, SparseBias) and not p.bias.grid.ragged:
-        return np.array(dbias).reshape(np.shape(p.bias.values))
-    return dbias

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from ..alignment import align_offset
 from ..bias import ALiBi, SparseBias
-from ..contract import DenseBias, Grads, Problem, Result
+from ..contract import DenseBias, Grads, Problem, Result, dbias_result, dbias_zeros
 
 COMPUTE_DTYPES = (np.float64, np.float32)
 OPTIONS: dict = {}
@@ -144,7 +144,7 @@ def backward(p: Problem, out, lse, dout, dlse, config) -> Grads:
     out, lse, dout = (x.astype(dtype) for x in (out, lse, dout))
     dlse = None if dlse is None else dlse.astype(dtype)
     dq, dk, dv = np.zeros(q.shape, dtype), np.zeros(k.shape, dtype), np.zeros(v.shape, dtype)
-    dbias = _zero_dbias(p, dtype)
+    dbias = dbias_zeros(p, dtype)
     Dsum = np.einsum("bhid,bhid->bhi", dout, out)               # D = rowsum(dO * O)
     scale = dtype.type(p.scale)
     for b in range(p.batch):
@@ -171,20 +171,10 @@ def backward(p: Problem, out, lse, dout, dlse, config) -> Grads:
                 dSm = ch.matrix(dS, p.lk)
                 dq[b, h, rows] = scale * (dSm @ K)              # dQ = scale dS K
                 dk[b, g] += scale * (dSm.T @ Q[rows])           # dK = scale dS^T Q
-    return Grads(dq, dk, dv, _finish_dbias(p, dbias))
+    return Grads(dq, dk, dv, dbias_result(p, dbias))
 
 
 # ---- dbias, in the layout of the bias that was given --------------------------------
-def _zero_dbias(p: Problem, dtype):
-    if isinstance(p.bias, DenseBias):
-        return np.zeros(p.bias.values.shape, dtype)
-    if isinstance(p.bias, SparseBias):
-        return [[np.zeros(x.shape, dtype) for x in row] for row in p.bias.grid.grid]
-    if isinstance(p.bias, ALiBi):
-        return np.zeros(p.heads, dtype)
-    return None
-
-
 def _accumulate_dbias(p: Problem, dbias, dS, ch: _Chunk, b: int, h: int) -> None:
     """``dbias`` is ``dS`` (the bias enters ``S`` additively), summed over broadcast axes."""
     if isinstance(p.bias, DenseBias):
@@ -197,11 +187,3 @@ def _accumulate_dbias(p: Problem, dbias, dS, ch: _Chunk, b: int, h: int) -> None
         dbias[b if bv > 1 else 0][h if hv > 1 else 0][ch.lo:ch.hi] += dS
     elif isinstance(p.bias, ALiBi):
         dbias[h] += np.sum(dS * -_alibi_distance(p, ch).astype(dS.dtype))
-
-
-def _finish_dbias(p: Problem, dbias):
-    if isinstance(p.bias, DenseBias):
-        return dbias.reshape(p.bias.shape)
-    if isinstance(p.bias, SparseBias) and not p.bias.grid.ragged:
-        return np.array(dbias).reshape(np.shape(p.bias.values))
-    return dbias

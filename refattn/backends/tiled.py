@@ -21,7 +21,7 @@ import numpy as np
 from ..alignment import align_offset
 from ..bias import ALiBi, SparseBias
 from ..blocks import blocks as block_layout
-from ..contract import DenseBias, Grads, Problem, Result
+from ..contract import DenseBias, Grads, Problem, Result, dbias_result, dbias_zeros
 from ..errors import RefattnError
 
 COMPUTE_DTYPES = (np.float64, np.float32)
@@ -192,7 +192,7 @@ def backward(p: Problem, out, lse, dout, dlse, config) -> Grads:
     out, lse, dout = (x.astype(dt) for x in (out, lse, dout))
     dlse = None if dlse is None else dlse.astype(dt)
     dq, dk, dv = np.zeros(q.shape, dt), np.zeros(k.shape, dt), np.zeros(v.shape, dt)
-    dbias = _zero_dbias(p, dt)
+    dbias = dbias_zeros(p, dt)
     D = np.sum(dout * out, axis=-1)                            # D = rowsum(dO * O)
     scale = dt.type(p.scale)
     tiling = _tilings(p, config)
@@ -228,20 +228,10 @@ def backward(p: Problem, out, lse, dout, dlse, config) -> Grads:
                     dKj += scale * (dS.T @ Qi)                 # dK_j += scale dS^T Q_i
                 dk[b, g, cols] += dKj
                 dv[b, g, cols] += dVj
-    return Grads(dq, dk, dv, _finish_dbias(p, dbias))
+    return Grads(dq, dk, dv, dbias_result(p, dbias))
 
 
 # ---- dbias, in the layout of the bias that was given --------------------------------
-def _zero_dbias(p: Problem, dt):
-    if isinstance(p.bias, DenseBias):
-        return np.zeros(p.bias.values.shape, dt)
-    if isinstance(p.bias, SparseBias):
-        return [[np.zeros(x.shape, dt) for x in row] for row in p.bias.grid.grid]
-    if isinstance(p.bias, ALiBi):
-        return np.zeros(p.heads, dt)
-    return None
-
-
 def _accumulate_dbias(p: Problem, dbias, dS, terms: _Terms, tile: _Tile) -> None:
     """``dbias`` is ``dS`` on the tile (removed entries have ``P = 0``, so ``dS = 0``)."""
     b, h = terms.b, terms.h
@@ -256,11 +246,3 @@ def _accumulate_dbias(p: Problem, dbias, dS, terms: _Terms, tile: _Tile) -> None
         dbias[b if bv > 1 else 0][h if hv > 1 else 0][tile.e] += dS[tile.r, tile.c]
     elif isinstance(p.bias, ALiBi):
         dbias[h] += np.sum(dS * -terms.distance(tile))
-
-
-def _finish_dbias(p: Problem, dbias):
-    if isinstance(p.bias, DenseBias):
-        return dbias.reshape(p.bias.shape)
-    if isinstance(p.bias, SparseBias) and not p.bias.grid.ragged:
-        return np.array(dbias).reshape(np.shape(p.bias.values))
-    return dbias
