@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _tiles
 from .errors import RefattnError
 from .mask import Mask, _check_dim
 
@@ -140,17 +141,23 @@ def _edge_sizes(length: int, block: int, nblocks: int) -> np.ndarray:
 
 
 def _group_tiles(indptr, indices, lq: int, lk: int, bq: int, bk: int,
-                 method: str | None = None) -> BlockGroup:
-    """Tiles of one canonical CSR in O(nnz + nbq) (plus O(nbq*nbk) on the bincount path).
+                 method: str = "compiled") -> BlockGroup:
+    """Tiles of one canonical CSR in O(nnz + nbq).
 
     Each stored entry gets tile id ``I * nbk + J``; the distinct ids in increasing
     order are the non-empty tiles, query block major, key block minor: exactly the
-    CSR order. ``method`` forces "bincount" or "unique" (for tests); by default
-    bincount is used when the tile grid is not much larger than nnz, else the ids
-    are sorted (unless already sorted) and run-length counted.
+    CSR order. ``method`` "compiled" (the default) counts them in one compiled pass
+    over the rows with O(number of tiles) memory (`refattn._tiles`); "bincount" and
+    "unique" are two NumPy routes that the tests hold it against: they build int64
+    arrays of nnz entries, and "bincount" one of ``nbq * nbk``.
     """
     nbq, nbk = -(-lq // bq), -(-lk // bk)
     indptr = np.asarray(indptr, dtype=np.int64)
+    if method == "compiled":
+        out_ptr, kb, counts = _tiles.tiles(indptr, np.asarray(indices), lq, bq, bk, nbk)
+        qb = np.repeat(np.arange(nbq, dtype=np.int64), np.diff(out_ptr))
+        capacity = _edge_sizes(lq, bq, nbq)[qb] * _edge_sizes(lk, bk, nbk)[kb]
+        return BlockGroup(_frozen(out_ptr), _frozen(kb), _frozen(counts == capacity), _frozen(counts))
     cols = np.asarray(indices, dtype=np.int64)
     nnz = cols.shape[0]
     # Entries of query block I are indptr[I*bq] .. indptr[min((I+1)*bq, Lq)] - 1.
@@ -158,8 +165,6 @@ def _group_tiles(indptr, indices, lq: int, lk: int, bq: int, bk: int,
     tile = np.repeat(np.arange(nbq, dtype=np.int64) * nbk, np.diff(block_ptr))
     tile += cols // bk
     n_tiles = nbq * nbk
-    if method is None:
-        method = "bincount" if n_tiles <= 4 * nnz + 4096 else "unique"
     if method == "bincount":
         per_tile = np.bincount(tile, minlength=n_tiles)
         ids = np.flatnonzero(per_tile).astype(np.int64)

@@ -137,13 +137,14 @@ def test_blocks_match_brute_force(d, bq, bk):
 
 @settings(max_examples=100, deadline=None)
 @given(d=dense_masks(four_d=False), bq=block_sizes, bk=block_sizes)
-def test_bincount_and_unique_paths_agree(d, bq, bk):
+def test_compiled_bincount_and_unique_paths_agree(d, bq, bk):
     m = Mask.from_dense(d)
     lq, lk = m.shape
     a = _group_tiles(m.csr.indptr, m.csr.indices, lq, lk, bq, bk, method="bincount")
-    b = _group_tiles(m.csr.indptr, m.csr.indices, lq, lk, bq, bk, method="unique")
-    for x, y in zip(a, b):
-        assert x.dtype == y.dtype and np.array_equal(x, y)
+    for method in ("unique", "compiled"):
+        b = _group_tiles(m.csr.indptr, m.csr.indices, lq, lk, bq, bk, method=method)
+        for x, y in zip(a, b):
+            assert x.dtype == y.dtype and np.array_equal(x, y), method
 
 
 def test_causal_example_ragged_edges():
