@@ -22,6 +22,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "dense": ("refattn.backends.dense", "float64 dense oracle, the executable spec"),
     "sparse": ("refattn.backends.sparse", "SciPy: SDDMM on the nonzeros, segmented softmax, SpMM"),
     "tiled": ("refattn.backends.tiled", "FlashAttention-2 in NumPy: tiles, online softmax"),
+    "cpu": ("refattn.backends.cpu", "Numba-parallel tiles with BLAS, deterministic for any thread count"),
 }
 
 

@@ -1,0 +1,712 @@
+"""The cpu route: Numba-parallel tiled kernels, bitwise reproducible for any thread count.
+
+Forward (spec/backends.md, "cpu"): one work item per (batch, head, query block ``I``);
+it walks the non-empty key blocks ``J`` of ``I`` in increasing order and keeps, per
+query row, the running max ``m``, the running sum ``l`` and the unnormalised output,
+as FlashAttention-2's Algorithm 1. Backward without atomics, in two passes:
+``dQ`` per (batch, head, query block) over the same tiles, and ``dK``, ``dV`` per
+(batch, kv head, key block ``J``) over the transposed block structure (the query
+blocks whose tile ``(I, J)`` is non-empty, for each query head reading that kv
+head). Every output element is written by exactly one work item, which sums its
+terms in a fixed order, so the result cannot depend on how items are spread over
+threads.
+
+A tile is computed one of two ways, chosen from the mask alone:
+
+* *dense*: full tiles, and partial ones holding at least `DENSE_TILE_MIN_DENSITY`
+  of their entries. ``Q_I K_J^T``, ``P V_J``, ``dO_I V_J^T``, ``dS K_J``,
+  ``P^T dO_I`` and ``dS^T Q_I`` are BLAS products on the tile (``np.dot`` inside
+  the kernel, with BLAS held to one thread so that the kernels' own threads are
+  not oversubscribed); removed entries of a partial tile are ``-inf`` in ``S``
+  and 0 in ``P`` and ``dS``.
+* *entry by entry*: sparse partial tiles. Each allowed entry's dot products are
+  summed in a fixed order (`_dot`), and its contribution added row by row.
+
+Memory beyond inputs and outputs: a few ``block_q x block_k`` tiles per thread and
+the block layout; never an ``Lq x Lk`` array. This module shares no arithmetic
+with the other backends.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  (the BLAS Numba's np.dot calls: load it before limiting it)
+from numba import prange
+from threadpoolctl import ThreadpoolController
+
+from .._tiles import lower_bound
+from ..alignment import align_offset
+from ..bias import ALiBi, SparseBias
+from ..blocks import blocks as block_layout
+from ..contract import DenseBias, Grads, Problem, Result, dbias_result
+from ..errors import RefattnError
+
+COMPUTE_DTYPES = (np.float64, np.float32)
+
+#: A partial tile with at least this fraction of its entries allowed is computed with
+#: BLAS tile products; sparser ones entry by entry (measured crossover: spec/backends.md).
+DENSE_TILE_MIN_DENSITY = 0.25
+
+
+def _block_size(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise RefattnError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+OPTIONS = {"block_q": (_block_size, 64), "block_k": (_block_size, 64)}
+
+# bias kinds, and where dbias is accumulated (row-owned terms in the dQ pass,
+# column-owned ones in the dK/dV pass)
+NO_BIAS, DENSE, SPARSE, ALIBI = 0, 1, 2, 3
+DB_NONE, DB_ROWS, DB_FULL, DB_COLS, DB_ENTRIES, DB_ALIBI = 0, 1, 2, 3, 4, 5
+
+_blas_controller = None
+
+
+def _one_blas_thread():
+    """A context in which BLAS runs on the calling thread only (the kernels are the
+    parallel layer)."""
+    global _blas_controller
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api="blas")
+
+
+# ---- the compiled arithmetic ----------------------------------------------------------
+# The kernels work on *row segments*: the allowed entries of one query row i within one
+# tile, as compact vectors: x[t] = q_i . k_j of the t-th entry, whose column is
+# j = idx[ioff + t] and whose position in the group's CSR order is e = e0 + t. Each
+# feature (softcap, each kind of bias, dropout, dlse, each place dbias goes) is its own
+# loop over the segment, chosen by a test made once per segment, so that the loops stay
+# branch-free and one compiled kernel per dtype serves every combination of features.
+
+@numba.njit(cache=True, nogil=True)
+def _dot(a, b):  # pragma: no cover - compiled
+    """``sum_d a[d] b[d]`` with eight partial sums over ``d mod 8``, combined pairwise:
+    a fixed order that vectorises without reassociation (no fastmath)."""
+    n = a.shape[0]
+    zero = a.dtype.type(0)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+    d = 0
+    while d + 8 <= n:
+        s0 += a[d] * b[d]
+        s1 += a[d + 1] * b[d + 1]
+        s2 += a[d + 2] * b[d + 2]
+        s3 += a[d + 3] * b[d + 3]
+        s4 += a[d + 4] * b[d + 4]
+        s5 += a[d + 5] * b[d + 5]
+        s6 += a[d + 6] * b[d + 6]
+        s7 += a[d + 7] * b[d + 7]
+        d += 8
+    while d < n:
+        s0 += a[d] * b[d]
+        d += 1
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@numba.njit(cache=True, nogil=True)
+def _scores(x, n, T, b, h, i, idx, ioff, e0, scale, cap, bias):  # pragma: no cover - compiled
+    """``S`` of a row segment in place, from ``x = q_i . k_j``, in the spec's order:
+    scale, softcap (``T = tanh(scale x / cap)`` kept for the backward), bias."""
+    kind, dense, values, vbase, slopes, offset = bias
+    for t in range(n):
+        x[t] = scale * x[t]
+    if cap > 0:
+        for t in range(n):
+            T[t] = math.tanh(x[t] / cap)
+            x[t] = cap * T[t]
+    if kind == DENSE:
+        bb, hb, lqb, lkb = dense.shape
+        row = dense[b if bb > 1 else 0, h if hb > 1 else 0, i if lqb > 1 else 0]
+        if lkb > 1:
+            for t in range(n):
+                x[t] += row[idx[ioff + t]]
+        else:
+            for t in range(n):
+                x[t] += row[0]
+    elif kind == SPARSE:
+        vb = vbase[b, h] + e0
+        for t in range(n):
+            x[t] += values[vb + t]
+    elif kind == ALIBI:
+        slope, ii = -slopes[h], i + offset
+        for t in range(n):
+            x[t] += slope * slopes.dtype.type(abs(idx[ioff + t] - ii))
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_grads(x, dp, n, T, Pz, b, h, i, idx, ioff, e0, Li, Di, dli, scale, cap, bias, drop,
+               db_mode, db_full, db_entries, db_base, db_cols):  # pragma: no cover - compiled
+    """Backward of a row segment from ``x = q_i . k_j`` and ``dp = dO_i . v_j``.
+
+    Leaves ``P`` in ``x``, ``dS`` times the softcap's derivative in ``dp`` and
+    ``P Z / (1 - p)`` in ``Pz`` (which may be ``x`` itself); writes the dbias terms of
+    ``db_mode`` and returns the row's share of a per-row dbias term."""
+    keep, kbase, zscale, has_dropout, has_dlse = drop
+    zero = x.dtype.type(0)
+    _scores(x, n, T, b, h, i, idx, ioff, e0, scale, cap, bias)
+    for t in range(n):
+        x[t] = math.exp(x[t] - Li)                          # P = exp(S - L)
+    if has_dropout:
+        kb = kbase[b, h] + e0
+        for t in range(n):
+            dp[t] = dp[t] * zscale if keep[kb + t] else zero   # dP = (dO_i . v_j) Z / (1 - p)
+    for t in range(n):
+        dp[t] = x[t] * (dp[t] - Di)                         # dS = P (dP - D_i)
+    if has_dlse:
+        for t in range(n):
+            dp[t] += dli * x[t]                             #      + dlse_i P
+    term = zero                                             # dbias = dS (the bias is added last)
+    if db_mode == DB_ROWS:
+        for t in range(n):
+            term += dp[t]
+    elif db_mode == DB_ALIBI:
+        kind, dense, values, vbase, slopes, offset = bias
+        for t in range(n):
+            term += dp[t] * -slopes.dtype.type(abs(idx[ioff + t] - (i + offset)))
+    elif db_mode == DB_FULL:
+        for t in range(n):
+            db_full[b, h, i, idx[ioff + t]] = dp[t]
+    elif db_mode == DB_ENTRIES:
+        for t in range(n):
+            db_entries[db_base[b, h] + e0 + t] = dp[t]
+    elif db_mode == DB_COLS:
+        for t in range(n):
+            db_cols[b, h, idx[ioff + t]] += dp[t]
+    if cap > 0:
+        one = x.dtype.type(1)
+        for t in range(n):
+            dp[t] *= one - T[t] * T[t]                      # d(c tanh(s / c)) / ds = 1 - T^2
+    if has_dropout:
+        kb = kbase[b, h] + e0
+        for t in range(n):
+            Pz[t] = x[t] * zscale if keep[kb + t] else zero
+    else:
+        for t in range(n):
+            Pz[t] = x[t]
+    return term
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_end(indices, eb, start, stop, c1, full, nc):  # pragma: no cover - compiled
+    """The end of a row's run of entries with column < ``c1``, from ``start``."""
+    if full:
+        return start + nc
+    e = start
+    while e < stop and indices[eb + e] < c1:
+        e += 1
+    return e
+
+
+@numba.njit(cache=True, nogil=True)
+def _unflatten(item, n1, n2):  # pragma: no cover - compiled
+    """Work item -> (i0, i1, i2) with ``item = (i0 * n1 + i1) * n2 + i2``, in int64 (a
+    prange index may be unsigned, and unsigned-signed arithmetic would give floats)."""
+    t = np.int64(item)
+    return t // (n1 * n2), (t // n2) % n1, t % n2
+
+
+# ---- forward ----------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, colids, bq, bk, b, h, I,
+                   out, lse):  # pragma: no cover - compiled
+    """Algorithm 1 for query block ``I`` of (b, h): the O and L of its rows."""
+    indptr, indices, base, gid = mask
+    tile_ptr, tile_key, tile_full, tile_dense = tl[0], tl[1], tl[2], tl[3]
+    keep, kbase, zscale, has_dropout = drop[0], drop[1], drop[2], drop[3]
+    dt = q.dtype
+    neg_inf, zero, one = dt.type(-np.inf), dt.type(0), dt.type(1)
+    Lq, Lk, Dv = q.shape[2], k.shape[2], v.shape[3]
+    g = h // (q.shape[1] // k.shape[1])
+    G = gid[b, h]
+    ip, eb = indptr[G], base[G]
+    r0 = I * bq
+    r1 = min(Lq, r0 + bq)
+    nr = r1 - r0
+    Qi = q[b, h, r0:r1]
+    m = np.empty(nr, dt)
+    m[:] = neg_inf                                          # running max
+    l = np.zeros(nr, dt)                                    # running sum of exp(S - m)
+    acc = np.zeros((nr, Dv), dt)                            # unnormalised output
+    ptr = ip[r0:r1].copy()                                  # each row's next entry
+    sbuf = np.empty(bq * bk, dt)
+    pvbuf = np.empty(bq * Dv, dt)
+    x = np.empty(bk, dt)
+    T = np.empty(bk, dt)
+    for t in range(tile_ptr[G, I], tile_ptr[G, I + 1]):
+        c0 = tile_key[t] * bk
+        c1 = min(Lk, c0 + bk)
+        nc = c1 - c0
+        full, dense_tile = tile_full[t], tile_dense[t]
+        S = sbuf[:nr * nc].reshape((nr, nc))
+        if dense_tile:
+            np.dot(Qi, k[b, g, c0:c1].T, S)                 # Q_I K_J^T
+        for r in range(nr):
+            i = r0 + r
+            e0 = ptr[r]
+            e1 = _row_end(indices, eb, e0, ip[i + 1], c1, full, nc)
+            ptr[r] = e1
+            n = e1 - e0
+            if n == 0:
+                if dense_tile:
+                    S[r, :] = zero
+                continue
+            if full:
+                seg, idx, ioff = S[r], colids, c0           # the tile's row is the segment
+            else:
+                seg, idx, ioff = x, indices, eb + e0
+                for u in range(n):
+                    j = indices[eb + e0 + u]
+                    seg[u] = S[r, j - c0] if dense_tile else _dot(Qi[r], k[b, g, j])
+            _scores(seg, n, T, b, h, i, idx, ioff, e0, scale, cap, bias)
+            mx = seg[0]
+            for u in range(1, n):
+                mx = max(mx, seg[u])
+            m_new = max(m[r], mx)
+            alpha = math.exp(m[r] - m_new)                  # e^(m_old - m_new); 0 from -inf
+            rowsum = zero
+            for u in range(n):
+                seg[u] = math.exp(seg[u] - m_new)           # P~ = exp(S - m_new)
+                rowsum += seg[u]
+            l[r] = alpha * l[r] + rowsum                    # l = e^(m_old - m_new) l + rowsum(P~)
+            m[r] = m_new
+            if alpha != one:
+                for d in range(Dv):
+                    acc[r, d] *= alpha
+            if has_dropout:
+                kb = kbase[b, h] + e0
+                for u in range(n):
+                    seg[u] = seg[u] * zscale if keep[kb + u] else zero
+            if dense_tile and not full:
+                S[r, :] = zero                              # removed entries: P~ = 0
+                for u in range(n):
+                    S[r, indices[eb + e0 + u] - c0] = seg[u]
+            elif not dense_tile:
+                for u in range(n):
+                    j = indices[eb + e0 + u]
+                    for d in range(Dv):
+                        acc[r, d] += seg[u] * v[b, g, j, d]
+        if dense_tile:
+            PV = pvbuf[:nr * Dv].reshape((nr, Dv))
+            np.dot(S, v[b, g, c0:c1], PV)                   # O += (P~ Z / (1 - p)) V_J
+            acc += PV
+    for r in range(nr):
+        if l[r] > zero:
+            for d in range(Dv):
+                out[b, h, r0 + r, d] = acc[r, d] / l[r]     # O = diag(l)^-1 O
+            lse[b, h, r0 + r] = m[r] + math.log(l[r])       # L = m + log l
+        # else: an empty row keeps O = 0, L = -inf (spec/semantics.md, section 4)
+
+
+@numba.njit(cache=True, parallel=True)
+def _forward_kernel(q, k, v, scale, cap, mask, tl, bias, drop, colids, bq, bk, out, lse):  # pragma: no cover
+    B, H, Lq = q.shape[0], q.shape[1], q.shape[2]
+    nbq = (Lq + bq - 1) // bq
+    for item in prange(B * H * nbq):
+        b, h, I = _unflatten(item, H, nbq)
+        _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, colids, bq, bk, b, h, I, out, lse)
+
+
+# ---- backward ---------------------------------------------------------------------------
+
+@numba.njit(cache=True, parallel=True)
+def _rowdot_kernel(dout, out, D):  # pragma: no cover - compiled
+    """``D = rowsum(dO * O)``, each row summed left to right."""
+    B, H, Lq, Dv = out.shape
+    for item in prange(B * H):
+        b, h, _ = _unflatten(item, H, 1)
+        for i in range(Lq):
+            s = D.dtype.type(0)
+            for d in range(Dv):
+                s += dout[b, h, i, d] * out[b, h, i, d]
+            D[b, h, i] = s
+
+
+@numba.njit(cache=True, nogil=True)
+def _dq_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
+              b, h, I, dq, db_mode, db_rows, db_full, db_entries, db_base, db_cols):  # pragma: no cover
+    """dQ of query block ``I`` of (b, h), and the row-owned dbias terms."""
+    indptr, indices, base, gid = mask
+    tile_ptr, tile_key, tile_full, tile_dense = tl[0], tl[1], tl[2], tl[3]
+    has_dlse = drop[4]
+    dt = q.dtype
+    zero = dt.type(0)
+    Lq, Lk, D = q.shape[2], k.shape[2], q.shape[3]
+    g = h // (q.shape[1] // k.shape[1])
+    G = gid[b, h]
+    ip, eb = indptr[G], base[G]
+    r0 = I * bq
+    r1 = min(Lq, r0 + bq)
+    nr = r1 - r0
+    Qi, dOi = q[b, h, r0:r1], dout[b, h, r0:r1]
+    dQi = np.zeros((nr, D), dt)
+    rowterm = np.zeros(nr, dt)
+    ptr = ip[r0:r1].copy()
+    sbuf, dpbuf, qbuf = np.empty(bq * bk, dt), np.empty(bq * bk, dt), np.empty(bq * D, dt)
+    x, dpx, T, Pz = np.empty(bk, dt), np.empty(bk, dt), np.empty(bk, dt), np.empty(bk, dt)
+    for t in range(tile_ptr[G, I], tile_ptr[G, I + 1]):
+        c0 = tile_key[t] * bk
+        c1 = min(Lk, c0 + bk)
+        nc = c1 - c0
+        full, dense_tile = tile_full[t], tile_dense[t]
+        S = sbuf[:nr * nc].reshape((nr, nc))
+        dP = dpbuf[:nr * nc].reshape((nr, nc))
+        if dense_tile:
+            np.dot(Qi, k[b, g, c0:c1].T, S)                 # Q_I K_J^T
+            np.dot(dOi, v[b, g, c0:c1].T, dP)               # dO_I V_J^T
+        for r in range(nr):
+            i = r0 + r
+            e0 = ptr[r]
+            e1 = _row_end(indices, eb, e0, ip[i + 1], c1, full, nc)
+            ptr[r] = e1
+            n = e1 - e0
+            if full:
+                xs, dps, idx, ioff = S[r], dP[r], colids, c0
+            else:
+                xs, dps, idx, ioff = x, dpx, indices, eb + e0
+                for u in range(n):
+                    j = indices[eb + e0 + u]
+                    if dense_tile:
+                        xs[u], dps[u] = S[r, j - c0], dP[r, j - c0]
+                    else:
+                        xs[u], dps[u] = _dot(Qi[r], k[b, g, j]), _dot(dOi[r], v[b, g, j])
+            if n > 0:
+                rowterm[r] += _row_grads(xs, dps, n, T, Pz, b, h, i, idx, ioff, e0, lse[b, h, i],
+                                         Drow[b, h, i], dlse[b, h, i] if has_dlse else zero, scale, cap,
+                                         bias, drop, db_mode, db_full, db_entries, db_base, db_cols)
+            if dense_tile and not full:
+                dP[r, :] = zero                             # removed entries: dS = 0
+                for u in range(n):
+                    dP[r, indices[eb + e0 + u] - c0] = dps[u]
+            elif not dense_tile:
+                for u in range(n):
+                    j = indices[eb + e0 + u]
+                    w = scale * dps[u]
+                    for d in range(D):
+                        dQi[r, d] += w * k[b, g, j, d]     # dQ_i += scale dS_ij k_j
+        if dense_tile:
+            dSK = qbuf[:nr * D].reshape((nr, D))
+            np.dot(dP, k[b, g, c0:c1], dSK)                # dQ_I += scale dS K_J
+            for r in range(nr):
+                for d in range(D):
+                    dQi[r, d] += scale * dSK[r, d]
+    dq[b, h, r0:r1] = dQi
+    if db_mode == DB_ROWS or db_mode == DB_ALIBI:
+        db_rows[b, h, r0:r1] = rowterm
+
+
+@numba.njit(cache=True, parallel=True)
+def _dq_kernel(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
+               dq, db_mode, db_rows, db_full, db_entries, db_base, db_cols):  # pragma: no cover - compiled
+    B, H, Lq = q.shape[0], q.shape[1], q.shape[2]
+    nbq = (Lq + bq - 1) // bq
+    for item in prange(B * H * nbq):
+        b, h, I = _unflatten(item, H, nbq)
+        _dq_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
+                  b, h, I, dq, db_mode, db_rows, db_full, db_entries, db_base, db_cols)
+
+
+@numba.njit(cache=True, nogil=True)
+def _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
+                b, g, J, dk, dv, db_mode, db_full, db_entries, db_base, db_cols):  # pragma: no cover - compiled
+    """dK, dV of key block ``J`` of kv head g: for each query head reading g, in
+    increasing order, each query block whose tile (I, J) is non-empty, in increasing
+    order; and the column-owned dbias terms."""
+    indptr, indices, base, gid = mask
+    tile_full, tile_dense, tile_query, ttile_ptr, ttile = tl[2], tl[3], tl[4], tl[5], tl[6]
+    has_dlse = drop[4]
+    dt = q.dtype
+    zero = dt.type(0)
+    H, Lq, Lk, D, Dv = q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+    group = H // k.shape[1]
+    c0 = J * bk
+    c1 = min(Lk, c0 + bk)
+    nc = c1 - c0
+    Kj, Vj = k[b, g, c0:c1], v[b, g, c0:c1]
+    dKj, dVj = np.zeros((nc, D), dt), np.zeros((nc, Dv), dt)
+    sbuf, dpbuf = np.empty(bq * bk, dt), np.empty(bq * bk, dt)
+    kbuf, vbuf = np.empty(bk * D, dt), np.empty(bk * Dv, dt)
+    x, dpx, T, Pzb = np.empty(bk, dt), np.empty(bk, dt), np.empty(bk, dt), np.empty(bk, dt)
+    for h in range(g * group, (g + 1) * group):
+        G = gid[b, h]
+        ip, eb = indptr[G], base[G]
+        for tt in range(ttile_ptr[G, J], ttile_ptr[G, J + 1]):
+            t = ttile[tt]
+            r0 = tile_query[t] * bq
+            r1 = min(Lq, r0 + bq)
+            nr = r1 - r0
+            Qi, dOi = q[b, h, r0:r1], dout[b, h, r0:r1]
+            full, dense_tile = tile_full[t], tile_dense[t]
+            S = sbuf[:nr * nc].reshape((nr, nc))
+            dP = dpbuf[:nr * nc].reshape((nr, nc))
+            if dense_tile:
+                np.dot(Qi, Kj.T, S)
+                np.dot(dOi, Vj.T, dP)
+            for r in range(nr):
+                i = r0 + r
+                e0 = lower_bound(indices, eb + ip[i], eb + ip[i + 1], c0) - eb
+                e1 = _row_end(indices, eb, e0, ip[i + 1], c1, full, nc)
+                n = e1 - e0
+                if full:                                    # P Z / (1 - p) goes to S's row in place
+                    xs, dps, Pz, idx, ioff = S[r], dP[r], S[r], colids, c0
+                else:
+                    xs, dps, Pz, idx, ioff = x, dpx, Pzb, indices, eb + e0
+                    for u in range(n):
+                        j = indices[eb + e0 + u]
+                        if dense_tile:
+                            xs[u], dps[u] = S[r, j - c0], dP[r, j - c0]
+                        else:
+                            xs[u], dps[u] = _dot(Qi[r], Kj[j - c0]), _dot(dOi[r], Vj[j - c0])
+                if n > 0:
+                    _row_grads(xs, dps, n, T, Pz, b, h, i, idx, ioff, e0, lse[b, h, i], Drow[b, h, i],
+                               dlse[b, h, i] if has_dlse else zero, scale, cap, bias, drop,
+                               db_mode, db_full, db_entries, db_base, db_cols)
+                if dense_tile and not full:
+                    S[r, :] = zero
+                    dP[r, :] = zero
+                    for u in range(n):
+                        c = indices[eb + e0 + u] - c0
+                        S[r, c], dP[r, c] = Pz[u], dps[u]
+                elif not dense_tile:
+                    for u in range(n):
+                        c = indices[eb + e0 + u] - c0
+                        w = scale * dps[u]
+                        for d in range(Dv):
+                            dVj[c, d] += Pz[u] * dOi[r, d]  # dV_j += P_ij Z_ij / (1 - p) dO_i
+                        for d in range(D):
+                            dKj[c, d] += w * Qi[r, d]       # dK_j += scale dS_ij q_i
+            if dense_tile:
+                PdO = vbuf[:nc * Dv].reshape((nc, Dv))
+                np.dot(S.T, dOi, PdO)                       # dV_J += (P Z / (1 - p))^T dO_I
+                dVj += PdO
+                dSQ = kbuf[:nc * D].reshape((nc, D))
+                np.dot(dP.T, Qi, dSQ)                       # dK_J += scale dS^T Q_I
+                for c in range(nc):
+                    for d in range(D):
+                        dKj[c, d] += scale * dSQ[c, d]
+    dk[b, g, c0:c1] = dKj
+    dv[b, g, c0:c1] = dVj
+
+
+@numba.njit(cache=True, parallel=True)
+def _dkdv_kernel(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
+                 dk, dv, db_mode, db_full, db_entries, db_base, db_cols):  # pragma: no cover - compiled
+    B, Hkv, Lk = k.shape[0], k.shape[1], k.shape[2]
+    nbk = (Lk + bk - 1) // bk
+    for item in prange(B * Hkv * nbk):
+        b, g, J = _unflatten(item, Hkv, nbk)
+        _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
+                    b, g, J, dk, dv, db_mode, db_full, db_entries, db_base, db_cols)
+
+
+# ---- the host side: flat arrays for the kernels ------------------------------------------
+
+@dataclass(frozen=True)
+class _Plan:
+    """The mask and its block layout as the kernels take them, for one call.
+
+    ``mask``: (indptr ``[G, Lq + 1]`` int64 per group, the groups' indices
+    concatenated, each group's offset into them ``[G]``, the group of each (b, h)
+    ``[B, H]``). ``tiles``: (``tile_ptr [G, nbq + 1]``, then per tile its key block,
+    full, dense and query block, then the transposed structure ``ttile_ptr [G, nbk + 1]``
+    and ``ttile``: the tiles of each key block in increasing query block)."""
+
+    mask: tuple
+    tiles: tuple
+    nnz: np.ndarray     # [G] entries per group
+    colids: np.ndarray  # 0 .. Lk - 1 in the indices' dtype: the columns of a full tile's row
+
+
+def _plan(p: Problem, bq: int, bk: int) -> _Plan:
+    csrs = [csr for _, _, csr in p.mask.iter_groups()]
+    bm, hm = p.mask.group_shape
+    gid = np.empty((p.batch, p.heads), np.int64)
+    for b in range(p.batch):
+        for h in range(p.heads):
+            gid[b, h] = (b if bm > 1 else 0) * hm + (h if hm > 1 else 0)
+    indptr = np.stack([np.asarray(c.indptr, np.int64) for c in csrs])
+    nnz = indptr[:, -1].copy()
+    base = np.concatenate([[0], np.cumsum(nnz)[:-1]]).astype(np.int64)
+    # One group: its index array as it is (no copy of what may be gigabytes).
+    indices = csrs[0].indices if len(csrs) == 1 else np.concatenate([c.indices for c in csrs])
+    layout = block_layout(p.mask, bq, bk)
+    nbq, nbk = layout.nbq, layout.nbk
+    tile_ptr = np.empty((len(csrs), nbq + 1), np.int64)
+    keys, fulls, denses, queries, ttile_ptr, ttiles = [], [], [], [], np.empty((len(csrs), nbk + 1), np.int64), []
+    first = 0
+    rows = np.minimum(np.arange(nbq) * bq + bq, p.lq) - np.arange(nbq) * bq
+    cols = np.minimum(np.arange(nbk) * bk + bk, p.lk) - np.arange(nbk) * bk
+    for G, grp in enumerate(layout.groups):
+        tile_ptr[G] = grp.indptr + first
+        I = np.repeat(np.arange(nbq, dtype=np.int64), np.diff(grp.indptr))
+        area = rows[I] * cols[grp.indices]
+        keys.append(grp.indices)
+        fulls.append(grp.full)
+        denses.append(grp.full | (grp.counts >= DENSE_TILE_MIN_DENSITY * area))
+        queries.append(I)
+        order = np.argsort(grp.indices, kind="stable")      # by key block, then query block
+        ttiles.append(order + first)
+        ttile_ptr[G, 0] = 0
+        np.cumsum(np.bincount(grp.indices, minlength=nbk), out=ttile_ptr[G, 1:])
+        ttile_ptr[G] += sum(len(x) for x in ttiles[:-1])
+        first += grp.indices.shape[0]
+    cat = lambda xs, dtype: np.ascontiguousarray(np.concatenate(xs), dtype)  # noqa: E731
+    tiles = (tile_ptr, cat(keys, np.int64), cat(fulls, np.bool_), cat(denses, np.bool_),
+             cat(queries, np.int64), ttile_ptr, cat(ttiles, np.int64))
+    return _Plan((indptr, indices, base, gid), tiles, nnz, np.arange(p.lk, dtype=indices.dtype))
+
+
+def _per_bh(grid, p: Problem, dtype):
+    """Values on the nonzeros (`ValueGrid`) as one flat array and the offset of (b, h)'s."""
+    leaves = [leaf for row in grid.grid for leaf in row]
+    flat = np.concatenate(leaves).astype(dtype) if len(leaves) > 1 else leaves[0].astype(dtype)
+    starts = np.concatenate([[0], np.cumsum([x.shape[0] for x in leaves])[:-1]]).astype(np.int64)
+    bv, hv = grid.shape
+    where = np.empty((p.batch, p.heads), np.int64)
+    for b in range(p.batch):
+        for h in range(p.heads):
+            where[b, h] = starts[(b if bv > 1 else 0) * hv + (h if hv > 1 else 0)]
+    return flat, where
+
+
+def _bias_args(p: Problem, dt):
+    """(kind, dense, values, vbase, slopes, alibi offset), unused arrays as 1-element dummies."""
+    dense = np.zeros((1, 1, 1, 1), dt)
+    values, vbase = np.zeros(1, dt), np.zeros((p.batch, p.heads), np.int64)
+    slopes, offset = np.zeros(p.heads, dt), 0
+    kind = NO_BIAS
+    if isinstance(p.bias, DenseBias):
+        kind, dense = DENSE, np.ascontiguousarray(p.bias.values, dt)
+    elif isinstance(p.bias, SparseBias):
+        kind = SPARSE
+        values, vbase = _per_bh(p.bias.grid, p, dt)
+    elif isinstance(p.bias, ALiBi):
+        kind, slopes, offset = ALIBI, p.bias.slopes.astype(dt), align_offset(p.bias.align, p.lq, p.lk)
+    return (kind, dense, values, vbase, slopes, offset)
+
+
+def _drop_args(p: Problem, dt, has_dlse: bool):
+    """(keep, kbase, 1 / (1 - p), dropout on, dlse given)."""
+    if p.dropout is None:
+        return (np.zeros(1, np.bool_), np.zeros((p.batch, p.heads), np.int64), dt.type(1), False, has_dlse)
+    keep, kbase = _per_bh(p.dropout.grid, p, np.bool_)
+    return (keep, kbase, dt.type(1.0 / (1.0 - p.dropout.p)), True, has_dlse)
+
+
+def _inputs(p: Problem, dt):
+    return tuple(np.ascontiguousarray(x, dt) for x in (p.q, p.k, p.v))
+
+
+def _scalars(p: Problem, dt):
+    return dt.type(p.scale), dt.type(0 if p.softcap is None else p.softcap)
+
+
+def forward(p: Problem, config) -> Result:
+    """Algorithm 1 over (batch, head, query block) in parallel."""
+    dt = np.dtype(config.compute_dtype)
+    bq, bk = config.options["block_q"], config.options["block_k"]
+    plan = _plan(p, bq, bk)
+    q, k, v = _inputs(p, dt)
+    scale, cap = _scalars(p, dt)
+    out = np.zeros((p.batch, p.heads, p.lq, p.dim_v), dt)
+    lse = np.full((p.batch, p.heads, p.lq), -np.inf, dt)
+    with _one_blas_thread():
+        _forward_kernel(q, k, v, scale, cap, plan.mask, plan.tiles, _bias_args(p, dt),
+                        _drop_args(p, dt, False), plan.colids, bq, bk, out, lse)
+    return Result(out, lse)
+
+
+def backward(p: Problem, out, lse, dout, dlse, config) -> Grads:
+    """dQ per (batch, head, query block), then dK, dV per (batch, kv head, key block)."""
+    dt = np.dtype(config.compute_dtype)
+    bq, bk = config.options["block_q"], config.options["block_k"]
+    plan = _plan(p, bq, bk)
+    q, k, v = _inputs(p, dt)
+    out, lse, dout = (np.ascontiguousarray(x, dt) for x in (out, lse, dout))
+    dlse_arr = np.zeros((1, 1, 1), dt) if dlse is None else np.ascontiguousarray(dlse, dt)
+    scale, cap = _scalars(p, dt)
+    bias, drop = _bias_args(p, dt), _drop_args(p, dt, dlse is not None)
+    mode, bufs = _dbias_buffers(p, plan, dt)
+    dq, dk, dv = np.zeros(q.shape, dt), np.zeros(k.shape, dt), np.zeros(v.shape, dt)
+    Drow = np.empty(lse.shape, dt)
+    with _one_blas_thread():
+        _rowdot_kernel(dout, out, Drow)                     # D = rowsum(dO * O)
+        # dbias terms go to the pass that owns them: columns to dK/dV's, the rest to dQ's
+        dbias = (bufs["full"], bufs["entries"], bufs["entries_base"], bufs["cols"])
+        _dq_kernel(q, k, v, dout, lse, Drow, dlse_arr, scale, cap, plan.mask, plan.tiles, bias, drop,
+                   plan.colids, bq, bk, dq, DB_NONE if mode == DB_COLS else mode, bufs["rows"], *dbias)
+        _dkdv_kernel(q, k, v, dout, lse, Drow, dlse_arr, scale, cap, plan.mask, plan.tiles, bias, drop,
+                     plan.colids, bq, bk, dk, dv, mode if mode == DB_COLS else DB_NONE, *dbias)
+    return Grads(dq, dk, dv, _dbias_reduce(p, mode, bufs, dt))
+
+
+# ---- dbias: per-(b, h) terms from the kernels, reduced over broadcast axes here -----------
+
+def _dbias_buffers(p: Problem, plan: _Plan, dt):
+    """Where the kernels put dbias's terms: each (b, h) has its own slots, so no two
+    work items write one element; broadcast axes are summed afterwards."""
+    B, H = p.batch, p.heads
+    bufs = {"rows": np.zeros((1, 1, 1), dt), "full": np.zeros((1, 1, 1, 1), dt),
+            "cols": np.zeros((1, 1, 1), dt), "entries": np.zeros(1, dt),
+            "entries_base": np.zeros((B, H), np.int64)}
+    if isinstance(p.bias, DenseBias):
+        _, _, lqb, lkb = p.bias.values.shape
+        if lkb == 1:
+            bufs["rows"] = np.zeros((B, H, p.lq), dt)      # sum_j dS_ij
+            return DB_ROWS, bufs
+        if lqb == 1:
+            bufs["cols"] = np.zeros((B, H, p.lk), dt)      # sum_i dS_ij
+            return DB_COLS, bufs
+        bufs["full"] = np.zeros((B, H, p.lq, p.lk), dt)
+        return DB_FULL, bufs
+    if isinstance(p.bias, SparseBias):
+        gid = plan.mask[3]
+        sizes = plan.nnz[gid].ravel()
+        bufs["entries_base"] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).reshape(B, H)
+        bufs["entries"] = np.zeros(int(sizes.sum()), dt)
+        return DB_ENTRIES, bufs
+    if isinstance(p.bias, ALiBi):
+        bufs["rows"] = np.zeros((B, H, p.lq), dt)          # sum_j dS_ij * -|j - i'|
+        return DB_ALIBI, bufs
+    return DB_NONE, bufs
+
+
+def _dbias_reduce(p: Problem, mode: int, bufs, dt):
+    """dbias in the bias's layout: the per-(b, h) terms summed over the axes the bias
+    broadcasts along, in increasing (b, h) order."""
+    B, H = p.batch, p.heads
+    if mode == DB_NONE:
+        return None
+    if mode == DB_ALIBI:
+        return bufs["rows"].sum(axis=2).sum(axis=0)
+    if mode == DB_ENTRIES:
+        bv, hv = p.bias.grid.shape
+        base, flat = bufs["entries_base"], bufs["entries"]
+        out = [[None] * hv for _ in range(bv)]
+        for b in range(B):
+            for h in range(H):
+                n = p.mask.group(b, h).nnz
+                term = flat[base[b, h]:base[b, h] + n]
+                i, j = (b if bv > 1 else 0), (h if hv > 1 else 0)
+                out[i][j] = term.copy() if out[i][j] is None else out[i][j] + term
+        return dbias_result(p, out)
+    bb, hb, lqb, lkb = p.bias.values.shape
+    if mode == DB_ROWS:
+        x = bufs["rows"][..., None]
+        if lqb == 1:
+            x = x.sum(axis=2, keepdims=True)
+    elif mode == DB_COLS:
+        x = bufs["cols"][:, :, None, :]
+    else:
+        x = bufs["full"]
+    if bb == 1:
+        x = x.sum(axis=0, keepdims=True)
+    if hb == 1:
+        x = x.sum(axis=1, keepdims=True)
+    return dbias_result(p, np.ascontiguousarray(x))
