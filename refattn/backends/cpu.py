@@ -205,10 +205,14 @@ def _row_end(indices, eb, start, stop, c1, full, nc):  # pragma: no cover - comp
 
 @numba.njit(cache=True, nogil=True)
 def _unflatten(item, n1, n2):  # pragma: no cover - compiled
-    """Work item -> (i0, i1, i2) with ``item = (i0 * n1 + i1) * n2 + i2``, in int64 (a
-    prange index may be unsigned, and unsigned-signed arithmetic would give floats)."""
+    """Work item -> ``(i0, i1, i2)``, row-major over ``(n0, n1, n2)`` except that the
+    last index runs zig-zag (0, n2 - 1, 1, n2 - 2, ...): a causal mask's light and
+    heavy blocks then alternate, and each thread's contiguous share of the items holds
+    about the same work. (In int64: a prange index may be unsigned, and mixing it with
+    signed integers would give floats.)"""
     t = np.int64(item)
-    return t // (n1 * n2), (t // n2) % n1, t % n2
+    z = t % n2
+    return t // (n1 * n2), (t // n2) % n1, z // 2 if z % 2 == 0 else n2 - 1 - z // 2
 
 
 # ---- forward ----------------------------------------------------------------------------
@@ -609,9 +613,18 @@ def _scalars(p: Problem, dt):
 
 def forward(p: Problem, config) -> Result:
     """Algorithm 1 over (batch, head, query block) in parallel."""
+    return _forward(p, config, _plan(p, config.options["block_q"], config.options["block_k"]))
+
+
+def backward(p: Problem, out, lse, dout, dlse, config) -> Grads:
+    """dQ per (batch, head, query block), then dK, dV per (batch, kv head, key block)."""
+    plan = _plan(p, config.options["block_q"], config.options["block_k"])
+    return _backward(p, out, lse, dout, dlse, config, plan)
+
+
+def _forward(p: Problem, config, plan: _Plan) -> Result:
     dt = np.dtype(config.compute_dtype)
     bq, bk = config.options["block_q"], config.options["block_k"]
-    plan = _plan(p, bq, bk)
     q, k, v = _inputs(p, dt)
     scale, cap = _scalars(p, dt)
     out = np.zeros((p.batch, p.heads, p.lq, p.dim_v), dt)
@@ -622,11 +635,9 @@ def forward(p: Problem, config) -> Result:
     return Result(out, lse)
 
 
-def backward(p: Problem, out, lse, dout, dlse, config) -> Grads:
-    """dQ per (batch, head, query block), then dK, dV per (batch, kv head, key block)."""
+def _backward(p: Problem, out, lse, dout, dlse, config, plan: _Plan) -> Grads:
     dt = np.dtype(config.compute_dtype)
     bq, bk = config.options["block_q"], config.options["block_k"]
-    plan = _plan(p, bq, bk)
     q, k, v = _inputs(p, dt)
     out, lse, dout = (np.ascontiguousarray(x, dt) for x in (out, lse, dout))
     dlse_arr = np.zeros((1, 1, 1), dt) if dlse is None else np.ascontiguousarray(dlse, dt)
