@@ -39,6 +39,7 @@ from numba import prange
 from threadpoolctl import ThreadpoolController
 
 from .._tiles import lower_bound
+from ._exp import exp
 from ..alignment import align_offset
 from ..bias import ALiBi, SparseBias
 from ..blocks import blocks as block_layout
@@ -110,6 +111,51 @@ def _dot(a, b):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _sum8(x, n):  # pragma: no cover - compiled
+    """``x[0] + ... + x[n-1]`` as eight partial sums over ``t mod 8``, combined pairwise
+    (a fixed order; a single running sum would wait on each addition in turn)."""
+    zero = x.dtype.type(0)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+    t = 0
+    while t + 8 <= n:
+        s0 += x[t]
+        s1 += x[t + 1]
+        s2 += x[t + 2]
+        s3 += x[t + 3]
+        s4 += x[t + 4]
+        s5 += x[t + 5]
+        s6 += x[t + 6]
+        s7 += x[t + 7]
+        t += 8
+    while t < n:
+        s0 += x[t]
+        t += 1
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@numba.njit(cache=True, nogil=True)
+def _max8(x, n):  # pragma: no cover - compiled
+    """``max(x[0], ..., x[n-1])`` for ``n >= 1``, as eight running maxima (max is exact,
+    so the order cannot change the value)."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = x[0]
+    t = 0
+    while t + 8 <= n:
+        m0 = max(m0, x[t])
+        m1 = max(m1, x[t + 1])
+        m2 = max(m2, x[t + 2])
+        m3 = max(m3, x[t + 3])
+        m4 = max(m4, x[t + 4])
+        m5 = max(m5, x[t + 5])
+        m6 = max(m6, x[t + 6])
+        m7 = max(m7, x[t + 7])
+        t += 8
+    while t < n:
+        m0 = max(m0, x[t])
+        t += 1
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
+@numba.njit(cache=True, nogil=True)
 def _scores(x, n, T, b, h, i, idx, ioff, e0, scale, cap, bias):  # pragma: no cover - compiled
     """``S`` of a row segment in place, from ``x = q_i . k_j``, in the spec's order:
     scale, softcap (``T = tanh(scale x / cap)`` kept for the backward), bias."""
@@ -151,7 +197,7 @@ def _row_grads(x, dp, n, T, Pz, b, h, i, idx, ioff, e0, Li, Di, dli, scale, cap,
     zero = x.dtype.type(0)
     _scores(x, n, T, b, h, i, idx, ioff, e0, scale, cap, bias)
     for t in range(n):
-        x[t] = math.exp(x[t] - Li)                          # P = exp(S - L)
+        x[t] = exp(x[t] - Li)                               # P = exp(S - L)
     if has_dropout:
         kb = kbase[b, h] + e0
         for t in range(n):
@@ -163,8 +209,7 @@ def _row_grads(x, dp, n, T, Pz, b, h, i, idx, ioff, e0, Li, Di, dli, scale, cap,
             dp[t] += dli * x[t]                             #      + dlse_i P
     term = zero                                             # dbias = dS (the bias is added last)
     if db_mode == DB_ROWS:
-        for t in range(n):
-            term += dp[t]
+        term = _sum8(dp, n)
     elif db_mode == DB_ALIBI:
         kind, dense, values, vbase, slopes, offset = bias
         for t in range(n):
@@ -269,16 +314,11 @@ def _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, colids, bq, bk, b,
                     j = indices[eb + e0 + u]
                     seg[u] = S[r, j - c0] if dense_tile else _dot(Qi[r], k[b, g, j])
             _scores(seg, n, T, b, h, i, idx, ioff, e0, scale, cap, bias)
-            mx = seg[0]
-            for u in range(1, n):
-                mx = max(mx, seg[u])
-            m_new = max(m[r], mx)
-            alpha = math.exp(m[r] - m_new)                  # e^(m_old - m_new); 0 from -inf
-            rowsum = zero
+            m_new = max(m[r], _max8(seg, n))
+            alpha = exp(m[r] - m_new)                       # e^(m_old - m_new); 0 from -inf
             for u in range(n):
-                seg[u] = math.exp(seg[u] - m_new)           # P~ = exp(S - m_new)
-                rowsum += seg[u]
-            l[r] = alpha * l[r] + rowsum                    # l = e^(m_old - m_new) l + rowsum(P~)
+                seg[u] = exp(seg[u] - m_new)                # P~ = exp(S - m_new)
+            l[r] = alpha * l[r] + _sum8(seg, n)             # l = e^(m_old - m_new) l + rowsum(P~)
             m[r] = m_new
             if alpha != one:
                 for d in range(Dv):
