@@ -86,158 +86,195 @@ def _one_blas_thread():
 # loop over the segment, chosen by a test made once per segment, so that the loops stay
 # branch-free and one compiled kernel per dtype serves every combination of features.
 
-@numba.njit(cache=True, nogil=True)
-def _dot(a, b):  # pragma: no cover - compiled
-    """``sum_d a[d] b[d]`` with eight partial sums over ``d mod 8``, combined pairwise:
-    a fixed order that vectorises without reassociation (no fastmath)."""
-    n = a.shape[0]
-    zero = a.dtype.type(0)
+@numba.njit(cache=True, nogil=True, inline="always")
+def _dot(A, ra, B, rb):  # pragma: no cover - compiled
+    """``sum_d A[ra, d] B[rb, d]`` with eight partial sums over ``d mod 8``, combined
+    pairwise: a fixed order that vectorises without reassociation (no fastmath)."""
+    n = A.shape[1]
+    zero = A.dtype.type(0)
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
     d = 0
     while d + 8 <= n:
-        s0 += a[d] * b[d]
-        s1 += a[d + 1] * b[d + 1]
-        s2 += a[d + 2] * b[d + 2]
-        s3 += a[d + 3] * b[d + 3]
-        s4 += a[d + 4] * b[d + 4]
-        s5 += a[d + 5] * b[d + 5]
-        s6 += a[d + 6] * b[d + 6]
-        s7 += a[d + 7] * b[d + 7]
+        s0 += A[ra, d] * B[rb, d]
+        s1 += A[ra, d + 1] * B[rb, d + 1]
+        s2 += A[ra, d + 2] * B[rb, d + 2]
+        s3 += A[ra, d + 3] * B[rb, d + 3]
+        s4 += A[ra, d + 4] * B[rb, d + 4]
+        s5 += A[ra, d + 5] * B[rb, d + 5]
+        s6 += A[ra, d + 6] * B[rb, d + 6]
+        s7 += A[ra, d + 7] * B[rb, d + 7]
         d += 8
     while d < n:
-        s0 += a[d] * b[d]
+        s0 += A[ra, d] * B[rb, d]
         d += 1
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
-@numba.njit(cache=True, nogil=True)
-def _sum8(x, n):  # pragma: no cover - compiled
-    """``x[0] + ... + x[n-1]`` as eight partial sums over ``t mod 8``, combined pairwise
-    (a fixed order; a single running sum would wait on each addition in turn)."""
-    zero = x.dtype.type(0)
+@numba.njit(cache=True, nogil=True, inline="always")
+def _sum8(X, r, n):  # pragma: no cover - compiled
+    """``X[r, 0] + ... + X[r, n-1]`` as eight partial sums over the index mod 8, combined
+    pairwise (a fixed order; one running sum would wait on each addition in turn)."""
+    zero = X.dtype.type(0)
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
     t = 0
     while t + 8 <= n:
-        s0 += x[t]
-        s1 += x[t + 1]
-        s2 += x[t + 2]
-        s3 += x[t + 3]
-        s4 += x[t + 4]
-        s5 += x[t + 5]
-        s6 += x[t + 6]
-        s7 += x[t + 7]
+        s0 += X[r, t]
+        s1 += X[r, t + 1]
+        s2 += X[r, t + 2]
+        s3 += X[r, t + 3]
+        s4 += X[r, t + 4]
+        s5 += X[r, t + 5]
+        s6 += X[r, t + 6]
+        s7 += X[r, t + 7]
         t += 8
     while t < n:
-        s0 += x[t]
+        s0 += X[r, t]
         t += 1
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
-@numba.njit(cache=True, nogil=True)
-def _max8(x, n):  # pragma: no cover - compiled
-    """``max(x[0], ..., x[n-1])`` for ``n >= 1``, as eight running maxima (max is exact,
-    so the order cannot change the value)."""
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = x[0]
+@numba.njit(cache=True, nogil=True, inline="always")
+def _max8(X, r, n):  # pragma: no cover - compiled
+    """``max(X[r, 0], ..., X[r, n-1])`` for ``n >= 1`` as eight running maxima (max is
+    exact: the order cannot change the value)."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = X[r, 0]
     t = 0
     while t + 8 <= n:
-        m0 = max(m0, x[t])
-        m1 = max(m1, x[t + 1])
-        m2 = max(m2, x[t + 2])
-        m3 = max(m3, x[t + 3])
-        m4 = max(m4, x[t + 4])
-        m5 = max(m5, x[t + 5])
-        m6 = max(m6, x[t + 6])
-        m7 = max(m7, x[t + 7])
+        m0 = max(m0, X[r, t])
+        m1 = max(m1, X[r, t + 1])
+        m2 = max(m2, X[r, t + 2])
+        m3 = max(m3, X[r, t + 3])
+        m4 = max(m4, X[r, t + 4])
+        m5 = max(m5, X[r, t + 5])
+        m6 = max(m6, X[r, t + 6])
+        m7 = max(m7, X[r, t + 7])
         t += 8
     while t < n:
-        m0 = max(m0, x[t])
+        m0 = max(m0, X[r, t])
         t += 1
     return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
 
-@numba.njit(cache=True, nogil=True)
-def _scores(x, n, T, b, h, i, idx, ioff, e0, scale, cap, bias):  # pragma: no cover - compiled
-    """``S`` of a row segment in place, from ``x = q_i . k_j``, in the spec's order:
-    scale, softcap (``T = tanh(scale x / cap)`` kept for the backward), bias."""
-    kind, dense, values, vbase, slopes, offset = bias
-    for t in range(n):
-        x[t] = scale * x[t]
+@numba.njit(cache=True, nogil=True, inline="always")
+def _col(indices, ioff, c0, gathered, u):  # pragma: no cover - compiled
+    """The column of a segment's entry ``u``: ``c0 + u`` in a full tile's row, else read
+    from the CSR."""
+    return indices[ioff + u] if gathered else c0 + u
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _scores(X, r, n, T, b, h, i, c0, indices, ioff, gathered, e0, scale, cap, bias):  # pragma: no cover
+    """``S`` of the row segment ``X[r, :n]`` in place, from ``q_i . k_j``, in the spec's
+    order: scale, softcap (``T = tanh(scale x / cap)`` kept for the backward), bias
+    (`_bias_args`). A tuple's arrays are taken out only in the branch that uses them:
+    each taking costs reference counting, which the plain case should not pay per row."""
+    kind = bias[0]
+    for u in range(n):
+        X[r, u] = scale * X[r, u]
     if cap > 0:
-        for t in range(n):
-            T[t] = math.tanh(x[t] / cap)
-            x[t] = cap * T[t]
+        for u in range(n):
+            T[u] = math.tanh(X[r, u] / cap)
+            X[r, u] = cap * T[u]
     if kind == DENSE:
+        dense = bias[1]
         bb, hb, lqb, lkb = dense.shape
-        row = dense[b if bb > 1 else 0, h if hb > 1 else 0, i if lqb > 1 else 0]
-        if lkb > 1:
-            for t in range(n):
-                x[t] += row[idx[ioff + t]]
-        else:
-            for t in range(n):
-                x[t] += row[0]
+        bi, hi, ii = b if bb > 1 else 0, h if hb > 1 else 0, i if lqb > 1 else 0
+        for u in range(n):
+            X[r, u] += dense[bi, hi, ii, _col(indices, ioff, c0, gathered, u) if lkb > 1 else 0]
     elif kind == SPARSE:
+        values, vbase = bias[2], bias[3]
         vb = vbase[b, h] + e0
-        for t in range(n):
-            x[t] += values[vb + t]
+        for u in range(n):
+            X[r, u] += values[vb + u]
     elif kind == ALIBI:
+        slopes, offset = bias[4], bias[5]
         slope, ii = -slopes[h], i + offset
-        for t in range(n):
-            x[t] += slope * slopes.dtype.type(abs(idx[ioff + t] - ii))
+        for u in range(n):
+            X[r, u] += slope * slopes.dtype.type(abs(_col(indices, ioff, c0, gathered, u) - ii))
 
 
-@numba.njit(cache=True, nogil=True)
-def _row_grads(x, dp, n, T, Pz, b, h, i, idx, ioff, e0, Li, Di, dli, scale, cap, bias, drop,
-               db_mode, db_full, db_entries, db_base, db_cols):  # pragma: no cover - compiled
-    """Backward of a row segment from ``x = q_i . k_j`` and ``dp = dO_i . v_j``.
-
-    Leaves ``P`` in ``x``, ``dS`` times the softcap's derivative in ``dp`` and
-    ``P Z / (1 - p)`` in ``Pz`` (which may be ``x`` itself); writes the dbias terms of
-    ``db_mode`` and returns the row's share of a per-row dbias term."""
-    keep, kbase, zscale, has_dropout, has_dlse = drop
-    zero = x.dtype.type(0)
-    _scores(x, n, T, b, h, i, idx, ioff, e0, scale, cap, bias)
-    for t in range(n):
-        x[t] = exp(x[t] - Li)                               # P = exp(S - L)
-    if has_dropout:
+@numba.njit(cache=True, nogil=True, inline="always")
+def _forward_row(X, r, n, T, acc, m, l, b, h, i, c0, indices, ioff, gathered, e0, scale, cap, bias,
+                 drop):  # pragma: no cover - compiled
+    """One online-softmax step of row ``r`` over its segment ``X[r, :n]`` (raw dot
+    products in, ``P~ Z / (1 - p)`` out); rescales ``acc[r]``, updates ``m``, ``l``."""
+    zero, one = X.dtype.type(0), X.dtype.type(1)
+    _scores(X, r, n, T, b, h, i, c0, indices, ioff, gathered, e0, scale, cap, bias)
+    m_new = max(m[r], _max8(X, r, n))
+    alpha = exp(m[r] - m_new)                               # e^(m_old - m_new); 0 from -inf
+    for u in range(n):
+        X[r, u] = exp(X[r, u] - m_new)                      # P~ = exp(S - m_new)
+    l[r] = alpha * l[r] + _sum8(X, r, n)                    # l = e^(m_old - m_new) l + rowsum(P~)
+    m[r] = m_new
+    if alpha != one:
+        for d in range(acc.shape[1]):
+            acc[r, d] *= alpha
+    if drop[3]:
+        keep, kbase, zscale = drop[0], drop[1], drop[2]
         kb = kbase[b, h] + e0
-        for t in range(n):
-            dp[t] = dp[t] * zscale if keep[kb + t] else zero   # dP = (dO_i . v_j) Z / (1 - p)
-    for t in range(n):
-        dp[t] = x[t] * (dp[t] - Di)                         # dS = P (dP - D_i)
-    if has_dlse:
-        for t in range(n):
-            dp[t] += dli * x[t]                             #      + dlse_i P
+        for u in range(n):
+            X[r, u] = X[r, u] * zscale if keep[kb + u] else zero
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _row_grads(X, DP, PZ, r, n, T, b, h, i, c0, indices, ioff, gathered, e0, Li, Di, dli, scale, cap,
+               bias, drop, db_mode, dbias):  # pragma: no cover - compiled
+    """Backward of the row segment ``X[r, :n] = q_i . k_j``, ``DP[r, :n] = dO_i . v_j``.
+
+    Leaves ``P`` in ``X``, ``dS`` times the softcap's derivative in ``DP`` and
+    ``P Z / (1 - p)`` in ``PZ`` (which may be ``X`` itself); writes the dbias terms of
+    ``db_mode`` into ``dbias = (full, entries, entries_base, cols)`` and returns the row's
+    share of a per-row dbias term (``dli`` is 0 without ``dlse``)."""
+    zero = X.dtype.type(0)
+    has_dropout = drop[3]
+    _scores(X, r, n, T, b, h, i, c0, indices, ioff, gathered, e0, scale, cap, bias)
+    for u in range(n):
+        X[r, u] = exp(X[r, u] - Li)                         # P = exp(S - L)
+    if has_dropout:
+        keep, kbase, zscale = drop[0], drop[1], drop[2]
+        kb = kbase[b, h] + e0
+        for u in range(n):
+            DP[r, u] = DP[r, u] * zscale if keep[kb + u] else zero   # dP = (dO_i . v_j) Z / (1 - p)
+    for u in range(n):
+        DP[r, u] = X[r, u] * (DP[r, u] - Di)                # dS = P (dP - D_i)
+    if drop[4]:
+        for u in range(n):
+            DP[r, u] += dli * X[r, u]                       #      + dlse_i P
     term = zero                                             # dbias = dS (the bias is added last)
     if db_mode == DB_ROWS:
-        term = _sum8(dp, n)
+        term = _sum8(DP, r, n)
     elif db_mode == DB_ALIBI:
-        kind, dense, values, vbase, slopes, offset = bias
-        for t in range(n):
-            term += dp[t] * -slopes.dtype.type(abs(idx[ioff + t] - (i + offset)))
+        slopes, offset = bias[4], bias[5]
+        for u in range(n):
+            term += DP[r, u] * -slopes.dtype.type(abs(_col(indices, ioff, c0, gathered, u) - (i + offset)))
     elif db_mode == DB_FULL:
-        for t in range(n):
-            db_full[b, h, i, idx[ioff + t]] = dp[t]
+        db_full = dbias[0]
+        for u in range(n):
+            db_full[b, h, i, _col(indices, ioff, c0, gathered, u)] = DP[r, u]
     elif db_mode == DB_ENTRIES:
-        for t in range(n):
-            db_entries[db_base[b, h] + e0 + t] = dp[t]
+        db_entries, db_base = dbias[1], dbias[2]
+        for u in range(n):
+            db_entries[db_base[b, h] + e0 + u] = DP[r, u]
     elif db_mode == DB_COLS:
-        for t in range(n):
-            db_cols[b, h, idx[ioff + t]] += dp[t]
+        db_cols = dbias[3]
+        for u in range(n):
+            db_cols[b, h, _col(indices, ioff, c0, gathered, u)] += DP[r, u]
     if cap > 0:
-        one = x.dtype.type(1)
-        for t in range(n):
-            dp[t] *= one - T[t] * T[t]                      # d(c tanh(s / c)) / ds = 1 - T^2
+        one = X.dtype.type(1)
+        for u in range(n):
+            DP[r, u] *= one - T[u] * T[u]                   # d(c tanh(s / c)) / ds = 1 - T^2
     if has_dropout:
+        keep, kbase, zscale = drop[0], drop[1], drop[2]
         kb = kbase[b, h] + e0
-        for t in range(n):
-            Pz[t] = x[t] * zscale if keep[kb + t] else zero
+        for u in range(n):
+            PZ[r, u] = X[r, u] * zscale if keep[kb + u] else zero
     else:
-        for t in range(n):
-            Pz[t] = x[t]
+        for u in range(n):
+            PZ[r, u] = X[r, u]
     return term
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _row_end(indices, eb, start, stop, c1, full, nc):  # pragma: no cover - compiled
     """The end of a row's run of entries with column < ``c1``, from ``start``."""
     if full:
@@ -248,7 +285,7 @@ def _row_end(indices, eb, start, stop, c1, full, nc):  # pragma: no cover - comp
     return e
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _unflatten(item, n1, n2):  # pragma: no cover - compiled
     """Work item -> ``(i0, i1, i2)``, row-major over ``(n0, n1, n2)`` except that the
     last index runs zig-zag (0, n2 - 1, 1, n2 - 2, ...): a causal mask's light and
@@ -261,16 +298,18 @@ def _unflatten(item, n1, n2):  # pragma: no cover - compiled
 
 
 # ---- forward ----------------------------------------------------------------------------
+# Per row and tile the segment is either the tile's row itself (a full tile: S[r]) or
+# gathered into a scratch row (XG[r]); the two calls below name their arrays directly,
+# so no array view is made per row (each would cost reference counting).
 
 @numba.njit(cache=True, nogil=True)
-def _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, colids, bq, bk, b, h, I,
+def _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, bq, bk, b, h, I,
                    out, lse):  # pragma: no cover - compiled
     """Algorithm 1 for query block ``I`` of (b, h): the O and L of its rows."""
     indptr, indices, base, gid = mask
     tile_ptr, tile_key, tile_full, tile_dense = tl[0], tl[1], tl[2], tl[3]
-    keep, kbase, zscale, has_dropout = drop[0], drop[1], drop[2], drop[3]
     dt = q.dtype
-    neg_inf, zero, one = dt.type(-np.inf), dt.type(0), dt.type(1)
+    neg_inf, zero = dt.type(-np.inf), dt.type(0)
     Lq, Lk, Dv = q.shape[2], k.shape[2], v.shape[3]
     g = h // (q.shape[1] // k.shape[1])
     G = gid[b, h]
@@ -278,7 +317,7 @@ def _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, colids, bq, bk, b,
     r0 = I * bq
     r1 = min(Lq, r0 + bq)
     nr = r1 - r0
-    Qi = q[b, h, r0:r1]
+    Qi, Kg, Vg = q[b, h, r0:r1], k[b, g], v[b, g]
     m = np.empty(nr, dt)
     m[:] = neg_inf                                          # running max
     l = np.zeros(nr, dt)                                    # running sum of exp(S - m)
@@ -286,7 +325,7 @@ def _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, colids, bq, bk, b,
     ptr = ip[r0:r1].copy()                                  # each row's next entry
     sbuf = np.empty(bq * bk, dt)
     pvbuf = np.empty(bq * Dv, dt)
-    x = np.empty(bk, dt)
+    XG = np.empty((nr, bk), dt)
     T = np.empty(bk, dt)
     for t in range(tile_ptr[G, I], tile_ptr[G, I + 1]):
         c0 = tile_key[t] * bk
@@ -295,50 +334,39 @@ def _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, colids, bq, bk, b,
         full, dense_tile = tile_full[t], tile_dense[t]
         S = sbuf[:nr * nc].reshape((nr, nc))
         if dense_tile:
-            np.dot(Qi, k[b, g, c0:c1].T, S)                 # Q_I K_J^T
+            np.dot(Qi, Kg[c0:c1].T, S)                      # Q_I K_J^T
         for r in range(nr):
             i = r0 + r
             e0 = ptr[r]
             e1 = _row_end(indices, eb, e0, ip[i + 1], c1, full, nc)
             ptr[r] = e1
             n = e1 - e0
-            if n == 0:
-                if dense_tile:
-                    S[r, :] = zero
-                continue
             if full:
-                seg, idx, ioff = S[r], colids, c0           # the tile's row is the segment
-            else:
-                seg, idx, ioff = x, indices, eb + e0
+                _forward_row(S, r, n, T, acc, m, l, b, h, i, c0, indices, eb + e0, False, e0, scale, cap,
+                             bias, drop)
+                continue
+            if dense_tile:
                 for u in range(n):
-                    j = indices[eb + e0 + u]
-                    seg[u] = S[r, j - c0] if dense_tile else _dot(Qi[r], k[b, g, j])
-            _scores(seg, n, T, b, h, i, idx, ioff, e0, scale, cap, bias)
-            m_new = max(m[r], _max8(seg, n))
-            alpha = exp(m[r] - m_new)                       # e^(m_old - m_new); 0 from -inf
-            for u in range(n):
-                seg[u] = exp(seg[u] - m_new)                # P~ = exp(S - m_new)
-            l[r] = alpha * l[r] + _sum8(seg, n)             # l = e^(m_old - m_new) l + rowsum(P~)
-            m[r] = m_new
-            if alpha != one:
-                for d in range(Dv):
-                    acc[r, d] *= alpha
-            if has_dropout:
-                kb = kbase[b, h] + e0
-                for u in range(n):
-                    seg[u] = seg[u] * zscale if keep[kb + u] else zero
-            if dense_tile and not full:
+                    XG[r, u] = S[r, indices[eb + e0 + u] - c0]
                 S[r, :] = zero                              # removed entries: P~ = 0
+            else:
                 for u in range(n):
-                    S[r, indices[eb + e0 + u] - c0] = seg[u]
-            elif not dense_tile:
+                    XG[r, u] = _dot(Qi, r, Kg, indices[eb + e0 + u])
+            if n == 0:
+                continue
+            _forward_row(XG, r, n, T, acc, m, l, b, h, i, c0, indices, eb + e0, True, e0, scale, cap,
+                         bias, drop)
+            if dense_tile:
+                for u in range(n):
+                    S[r, indices[eb + e0 + u] - c0] = XG[r, u]
+            else:
                 for u in range(n):
                     j = indices[eb + e0 + u]
                     for d in range(Dv):
-                        acc[r, d] += seg[u] * v[b, g, j, d]
+                        acc[r, d] += XG[r, u] * Vg[j, d]    # O_i += P~_ij Z_ij / (1 - p) v_j
         if dense_tile:
             PV = pvbuf[:nr * Dv].reshape((nr, Dv))
-            np.dot(S, v[b, g, c0:c1], PV)                   # O += (P~ Z / (1 - p)) V_J
+            np.dot(S, Vg[c0:c1], PV)                        # O += (P~ Z / (1 - p)) V_J
             acc += PV
     for r in range(nr):
         if l[r] > zero:
@@ -349,12 +377,12 @@ def _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, colids, bq, bk, b,
 
 
 @numba.njit(cache=True, parallel=True)
-def _forward_kernel(q, k, v, scale, cap, mask, tl, bias, drop, colids, bq, bk, out, lse):  # pragma: no cover
+def _forward_kernel(q, k, v, scale, cap, mask, tl, bias, drop, bq, bk, out, lse):  # pragma: no cover
     B, H, Lq = q.shape[0], q.shape[1], q.shape[2]
     nbq = (Lq + bq - 1) // bq
     for item in prange(B * H * nbq):
         b, h, I = _unflatten(item, H, nbq)
-        _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, colids, bq, bk, b, h, I, out, lse)
+        _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, bq, bk, b, h, I, out, lse)
 
 
 # ---- backward ---------------------------------------------------------------------------
@@ -373,8 +401,8 @@ def _rowdot_kernel(dout, out, D):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _dq_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
-              b, h, I, dq, db_mode, db_rows, db_full, db_entries, db_base, db_cols):  # pragma: no cover
+def _dq_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, bq, bk,
+              b, h, I, dq, db_mode, db_rows, dbias):  # pragma: no cover
     """dQ of query block ``I`` of (b, h), and the row-owned dbias terms."""
     indptr, indices, base, gid = mask
     tile_ptr, tile_key, tile_full, tile_dense = tl[0], tl[1], tl[2], tl[3]
@@ -388,12 +416,13 @@ def _dq_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, 
     r0 = I * bq
     r1 = min(Lq, r0 + bq)
     nr = r1 - r0
-    Qi, dOi = q[b, h, r0:r1], dout[b, h, r0:r1]
+    Qi, dOi, Kg, Vg = q[b, h, r0:r1], dout[b, h, r0:r1], k[b, g], v[b, g]
     dQi = np.zeros((nr, D), dt)
     rowterm = np.zeros(nr, dt)
     ptr = ip[r0:r1].copy()
     sbuf, dpbuf, qbuf = np.empty(bq * bk, dt), np.empty(bq * bk, dt), np.empty(bq * D, dt)
-    x, dpx, T, Pz = np.empty(bk, dt), np.empty(bk, dt), np.empty(bk, dt), np.empty(bk, dt)
+    XG, DG, PZ = np.empty((nr, bk), dt), np.empty((nr, bk), dt), np.empty((nr, bk), dt)
+    T = np.empty(bk, dt)
     for t in range(tile_ptr[G, I], tile_ptr[G, I + 1]):
         c0 = tile_key[t] * bk
         c1 = min(Lk, c0 + bk)
@@ -402,41 +431,43 @@ def _dq_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, 
         S = sbuf[:nr * nc].reshape((nr, nc))
         dP = dpbuf[:nr * nc].reshape((nr, nc))
         if dense_tile:
-            np.dot(Qi, k[b, g, c0:c1].T, S)                 # Q_I K_J^T
-            np.dot(dOi, v[b, g, c0:c1].T, dP)               # dO_I V_J^T
+            np.dot(Qi, Kg[c0:c1].T, S)                      # Q_I K_J^T
+            np.dot(dOi, Vg[c0:c1].T, dP)                    # dO_I V_J^T
         for r in range(nr):
             i = r0 + r
             e0 = ptr[r]
             e1 = _row_end(indices, eb, e0, ip[i + 1], c1, full, nc)
             ptr[r] = e1
             n = e1 - e0
-            if full:
-                xs, dps, idx, ioff = S[r], dP[r], colids, c0
-            else:
-                xs, dps, idx, ioff = x, dpx, indices, eb + e0
-                for u in range(n):
-                    j = indices[eb + e0 + u]
-                    if dense_tile:
-                        xs[u], dps[u] = S[r, j - c0], dP[r, j - c0]
-                    else:
-                        xs[u], dps[u] = _dot(Qi[r], k[b, g, j]), _dot(dOi[r], v[b, g, j])
+            dli = dlse[b, h, i] if has_dlse else zero
+            if full:                                        # dS goes to dP's row in place
+                rowterm[r] += _row_grads(S, dP, PZ, r, n, T, b, h, i, c0, indices, eb + e0, False, e0,
+                                         lse[b, h, i], Drow[b, h, i], dli, scale, cap, bias, drop,
+                                         db_mode, dbias)
+                continue
+            for u in range(n):
+                j = indices[eb + e0 + u]
+                if dense_tile:
+                    XG[r, u], DG[r, u] = S[r, j - c0], dP[r, j - c0]
+                else:
+                    XG[r, u], DG[r, u] = _dot(Qi, r, Kg, j), _dot(dOi, r, Vg, j)
             if n > 0:
-                rowterm[r] += _row_grads(xs, dps, n, T, Pz, b, h, i, idx, ioff, e0, lse[b, h, i],
-                                         Drow[b, h, i], dlse[b, h, i] if has_dlse else zero, scale, cap,
-                                         bias, drop, db_mode, db_full, db_entries, db_base, db_cols)
-            if dense_tile and not full:
+                rowterm[r] += _row_grads(XG, DG, PZ, r, n, T, b, h, i, c0, indices, eb + e0, True, e0,
+                                         lse[b, h, i], Drow[b, h, i], dli, scale, cap, bias, drop,
+                                         db_mode, dbias)
+            if dense_tile:
                 dP[r, :] = zero                             # removed entries: dS = 0
                 for u in range(n):
-                    dP[r, indices[eb + e0 + u] - c0] = dps[u]
-            elif not dense_tile:
+                    dP[r, indices[eb + e0 + u] - c0] = DG[r, u]
+            else:
                 for u in range(n):
                     j = indices[eb + e0 + u]
-                    w = scale * dps[u]
+                    w = scale * DG[r, u]
                     for d in range(D):
-                        dQi[r, d] += w * k[b, g, j, d]     # dQ_i += scale dS_ij k_j
+                        dQi[r, d] += w * Kg[j, d]           # dQ_i += scale dS_ij k_j
         if dense_tile:
             dSK = qbuf[:nr * D].reshape((nr, D))
-            np.dot(dP, k[b, g, c0:c1], dSK)                # dQ_I += scale dS K_J
+            np.dot(dP, Kg[c0:c1], dSK)                      # dQ_I += scale dS K_J
             for r in range(nr):
                 for d in range(D):
                     dQi[r, d] += scale * dSK[r, d]
@@ -446,19 +477,19 @@ def _dq_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, 
 
 
 @numba.njit(cache=True, parallel=True)
-def _dq_kernel(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
-               dq, db_mode, db_rows, db_full, db_entries, db_base, db_cols):  # pragma: no cover - compiled
+def _dq_kernel(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, bq, bk,
+               dq, db_mode, db_rows, dbias):  # pragma: no cover - compiled
     B, H, Lq = q.shape[0], q.shape[1], q.shape[2]
     nbq = (Lq + bq - 1) // bq
     for item in prange(B * H * nbq):
         b, h, I = _unflatten(item, H, nbq)
-        _dq_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
-                  b, h, I, dq, db_mode, db_rows, db_full, db_entries, db_base, db_cols)
+        _dq_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, bq, bk,
+                  b, h, I, dq, db_mode, db_rows, dbias)
 
 
 @numba.njit(cache=True, nogil=True)
-def _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
-                b, g, J, dk, dv, db_mode, db_full, db_entries, db_base, db_cols):  # pragma: no cover - compiled
+def _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, bq, bk,
+                b, g, J, dk, dv, db_mode, dbias):  # pragma: no cover
     """dK, dV of key block ``J`` of kv head g: for each query head reading g, in
     increasing order, each query block whose tile (I, J) is non-empty, in increasing
     order; and the column-owned dbias terms."""
@@ -476,7 +507,8 @@ def _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop
     dKj, dVj = np.zeros((nc, D), dt), np.zeros((nc, Dv), dt)
     sbuf, dpbuf = np.empty(bq * bk, dt), np.empty(bq * bk, dt)
     kbuf, vbuf = np.empty(bk * D, dt), np.empty(bk * Dv, dt)
-    x, dpx, T, Pzb = np.empty(bk, dt), np.empty(bk, dt), np.empty(bk, dt), np.empty(bk, dt)
+    XG, DG, PZ = np.empty((bq, bk), dt), np.empty((bq, bk), dt), np.empty((bq, bk), dt)
+    T = np.empty(bk, dt)
     for h in range(g * group, (g + 1) * group):
         G = gid[b, h]
         ip, eb = indptr[G], base[G]
@@ -497,32 +529,32 @@ def _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop
                 e0 = lower_bound(indices, eb + ip[i], eb + ip[i + 1], c0) - eb
                 e1 = _row_end(indices, eb, e0, ip[i + 1], c1, full, nc)
                 n = e1 - e0
-                if full:                                    # P Z / (1 - p) goes to S's row in place
-                    xs, dps, Pz, idx, ioff = S[r], dP[r], S[r], colids, c0
-                else:
-                    xs, dps, Pz, idx, ioff = x, dpx, Pzb, indices, eb + e0
-                    for u in range(n):
-                        j = indices[eb + e0 + u]
-                        if dense_tile:
-                            xs[u], dps[u] = S[r, j - c0], dP[r, j - c0]
-                        else:
-                            xs[u], dps[u] = _dot(Qi[r], Kj[j - c0]), _dot(dOi[r], Vj[j - c0])
+                dli = dlse[b, h, i] if has_dlse else zero
+                if full:                                    # P Z / (1 - p) to S, dS to dP, in place
+                    _row_grads(S, dP, S, r, n, T, b, h, i, c0, indices, eb + e0, False, e0, lse[b, h, i],
+                               Drow[b, h, i], dli, scale, cap, bias, drop, db_mode, dbias)
+                    continue
+                for u in range(n):
+                    c = indices[eb + e0 + u] - c0
+                    if dense_tile:
+                        XG[r, u], DG[r, u] = S[r, c], dP[r, c]
+                    else:
+                        XG[r, u], DG[r, u] = _dot(Qi, r, Kj, c), _dot(dOi, r, Vj, c)
                 if n > 0:
-                    _row_grads(xs, dps, n, T, Pz, b, h, i, idx, ioff, e0, lse[b, h, i], Drow[b, h, i],
-                               dlse[b, h, i] if has_dlse else zero, scale, cap, bias, drop,
-                               db_mode, db_full, db_entries, db_base, db_cols)
-                if dense_tile and not full:
+                    _row_grads(XG, DG, PZ, r, n, T, b, h, i, c0, indices, eb + e0, True, e0, lse[b, h, i],
+                               Drow[b, h, i], dli, scale, cap, bias, drop, db_mode, dbias)
+                if dense_tile:
                     S[r, :] = zero
                     dP[r, :] = zero
                     for u in range(n):
                         c = indices[eb + e0 + u] - c0
-                        S[r, c], dP[r, c] = Pz[u], dps[u]
-                elif not dense_tile:
+                        S[r, c], dP[r, c] = PZ[r, u], DG[r, u]
+                else:
                     for u in range(n):
                         c = indices[eb + e0 + u] - c0
-                        w = scale * dps[u]
+                        w = scale * DG[r, u]
                         for d in range(Dv):
-                            dVj[c, d] += Pz[u] * dOi[r, d]  # dV_j += P_ij Z_ij / (1 - p) dO_i
+                            dVj[c, d] += PZ[r, u] * dOi[r, d]   # dV_j += P_ij Z_ij / (1 - p) dO_i
                         for d in range(D):
                             dKj[c, d] += w * Qi[r, d]       # dK_j += scale dS_ij q_i
             if dense_tile:
@@ -539,14 +571,14 @@ def _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop
 
 
 @numba.njit(cache=True, parallel=True)
-def _dkdv_kernel(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
-                 dk, dv, db_mode, db_full, db_entries, db_base, db_cols):  # pragma: no cover - compiled
+def _dkdv_kernel(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, bq, bk,
+                 dk, dv, db_mode, dbias):  # pragma: no cover - compiled
     B, Hkv, Lk = k.shape[0], k.shape[1], k.shape[2]
     nbk = (Lk + bk - 1) // bk
     for item in prange(B * Hkv * nbk):
         b, g, J = _unflatten(item, Hkv, nbk)
-        _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, colids, bq, bk,
-                    b, g, J, dk, dv, db_mode, db_full, db_entries, db_base, db_cols)
+        _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, bq, bk,
+                    b, g, J, dk, dv, db_mode, dbias)
 
 
 # ---- the host side: flat arrays for the kernels ------------------------------------------
@@ -563,8 +595,7 @@ class _Plan:
 
     mask: tuple
     tiles: tuple
-    nnz: np.ndarray     # [G] entries per group
-    colids: np.ndarray  # 0 .. Lk - 1 in the indices' dtype: the columns of a full tile's row
+    nnz: np.ndarray  # [G] entries per group
 
 
 def _plan(p: Problem, bq: int, bk: int) -> _Plan:
@@ -603,7 +634,7 @@ def _plan(p: Problem, bq: int, bk: int) -> _Plan:
     cat = lambda xs, dtype: np.ascontiguousarray(np.concatenate(xs), dtype)  # noqa: E731
     tiles = (tile_ptr, cat(keys, np.int64), cat(fulls, np.bool_), cat(denses, np.bool_),
              cat(queries, np.int64), ttile_ptr, cat(ttiles, np.int64))
-    return _Plan((indptr, indices, base, gid), tiles, nnz, np.arange(p.lk, dtype=indices.dtype))
+    return _Plan((indptr, indices, base, gid), tiles, nnz)
 
 
 def _per_bh(grid, p: Problem, dtype):
@@ -671,7 +702,7 @@ def _forward(p: Problem, config, plan: _Plan) -> Result:
     lse = np.full((p.batch, p.heads, p.lq), -np.inf, dt)
     with _one_blas_thread():
         _forward_kernel(q, k, v, scale, cap, plan.mask, plan.tiles, _bias_args(p, dt),
-                        _drop_args(p, dt, False), plan.colids, bq, bk, out, lse)
+                        _drop_args(p, dt, False), bq, bk, out, lse)
     return Result(out, lse)
 
 
@@ -691,9 +722,9 @@ def _backward(p: Problem, out, lse, dout, dlse, config, plan: _Plan) -> Grads:
         # dbias terms go to the pass that owns them: columns to dK/dV's, the rest to dQ's
         dbias = (bufs["full"], bufs["entries"], bufs["entries_base"], bufs["cols"])
         _dq_kernel(q, k, v, dout, lse, Drow, dlse_arr, scale, cap, plan.mask, plan.tiles, bias, drop,
-                   plan.colids, bq, bk, dq, DB_NONE if mode == DB_COLS else mode, bufs["rows"], *dbias)
+                   bq, bk, dq, DB_NONE if mode == DB_COLS else mode, bufs["rows"], dbias)
         _dkdv_kernel(q, k, v, dout, lse, Drow, dlse_arr, scale, cap, plan.mask, plan.tiles, bias, drop,
-                     plan.colids, bq, bk, dk, dv, mode if mode == DB_COLS else DB_NONE, *dbias)
+                     bq, bk, dk, dv, mode if mode == DB_COLS else DB_NONE, dbias)
     return Grads(dq, dk, dv, _dbias_reduce(p, mode, bufs, dt))
 
 
