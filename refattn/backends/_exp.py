@@ -61,15 +61,12 @@ _LN2_LO_32 = 1.428606765330187045e-06
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def exp64(x):  # pragma: no cover - compiled
-    """``exp(x)`` for a float64 ``x`` (module docstring)."""
-    if x != x:
-        return x
-    if x < -745.2:
-        return 0.0
-    if x > 709.8:
-        return np.inf
-    kf = np.floor(x * _LOG2E + 0.5)
-    r = (x - kf * _LN2_HI_64) - kf * _LN2_LO_64
+    """``exp(x)`` for a float64 ``x`` (module docstring). Branch-free (the argument is
+    clamped into range and the edge cases selected at the end), so that a loop of it
+    vectorises."""
+    xc = min(max(x, -745.2), 709.8)
+    kf = np.floor(xc * _LOG2E + 0.5)
+    r = (xc - kf * _LN2_HI_64) - kf * _LN2_LO_64
     p = 1.0 / 6227020800.0
     p = p * r + 1.0 / 479001600.0
     p = p * r + 1.0 / 39916800.0
@@ -86,20 +83,20 @@ def exp64(x):  # pragma: no cover - compiled
     p = p * r + 1.0
     k = np.int64(kf)
     ka = k >> 1                                  # floor(k / 2); ka, k - ka in [-538, 512]
-    return (p * _f64_from_bits((ka + 1023) << 52)) * _f64_from_bits((k - ka + 1023) << 52)
+    y = (p * _f64_from_bits((ka + 1023) << 52)) * _f64_from_bits((k - ka + 1023) << 52)
+    y = 0.0 if x < -745.2 else y
+    y = np.inf if x > 709.8 else y
+    return x if x != x else y
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def exp32(x):  # pragma: no cover - compiled
-    """``exp(x)`` for a float32 ``x``, computed in float32 (module docstring)."""
-    if x != x:
-        return x
-    if x < np.float32(-103.98):
-        return np.float32(0.0)
-    if x > np.float32(88.73):
-        return np.float32(np.inf)
-    kf = np.floor(x * np.float32(_LOG2E) + np.float32(0.5))
-    r = (x - kf * np.float32(_LN2_HI_32)) - kf * np.float32(_LN2_LO_32)
+    """``exp(x)`` for a float32 ``x``, computed in float32 (module docstring); branch-free
+    as `exp64`."""
+    lo, hi = np.float32(-103.98), np.float32(88.73)
+    xc = min(max(x, lo), hi)
+    kf = np.floor(xc * np.float32(_LOG2E) + np.float32(0.5))
+    r = (xc - kf * np.float32(_LN2_HI_32)) - kf * np.float32(_LN2_LO_32)
     p = np.float32(1.0 / 5040.0)
     p = p * r + np.float32(1.0 / 720.0)
     p = p * r + np.float32(1.0 / 120.0)
@@ -110,7 +107,10 @@ def exp32(x):  # pragma: no cover - compiled
     p = p * r + np.float32(1.0)
     k = np.int64(kf)
     ka = k >> 1                                  # ka, k - ka in [-75, 64]
-    return (p * _f32_from_bits((ka + 127) << 23)) * _f32_from_bits((k - ka + 127) << 23)
+    y = (p * _f32_from_bits((ka + 127) << 23)) * _f32_from_bits((k - ka + 127) << 23)
+    y = np.float32(0.0) if x < lo else y
+    y = np.float32(np.inf) if x > hi else y
+    return x if x != x else y
 
 
 def exp(x):

@@ -162,116 +162,142 @@ def _col(indices, ioff, c0, gathered, u):  # pragma: no cover - compiled
     return indices[ioff + u] if gathered else c0 + u
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _scores(X, r, n, T, b, h, i, c0, indices, ioff, gathered, e0, scale, cap, bias):  # pragma: no cover
-    """``S`` of the row segment ``X[r, :n]`` in place, from ``q_i . k_j``, in the spec's
-    order: scale, softcap (``T = tanh(scale x / cap)`` kept for the backward), bias
-    (`_bias_args`). A tuple's arrays are taken out only in the branch that uses them:
-    each taking costs reference counting, which the plain case should not pay per row."""
+@numba.njit(cache=True, nogil=True)
+def _scores(X, nr, lens, e0s, r0, c0, indices, eb, gathered, b, h, scale, cap, T, bias):  # pragma: no cover
+    """``S`` of a tile's row segments ``X[r, :lens[r]]`` in place, from ``q_i . k_j``,
+    in the spec's order: scale, softcap (``T = tanh(scale x / cap)`` kept for the
+    backward), bias (`_bias_args`)."""
     kind = bias[0]
-    for u in range(n):
-        X[r, u] = scale * X[r, u]
+    for r in range(nr):
+        for u in range(lens[r]):
+            X[r, u] = scale * X[r, u]
     if cap > 0:
-        for u in range(n):
-            T[u] = math.tanh(X[r, u] / cap)
-            X[r, u] = cap * T[u]
+        for r in range(nr):
+            for u in range(lens[r]):
+                T[r, u] = math.tanh(X[r, u] / cap)
+                X[r, u] = cap * T[r, u]
     if kind == DENSE:
         dense = bias[1]
         bb, hb, lqb, lkb = dense.shape
-        bi, hi, ii = b if bb > 1 else 0, h if hb > 1 else 0, i if lqb > 1 else 0
-        for u in range(n):
-            X[r, u] += dense[bi, hi, ii, _col(indices, ioff, c0, gathered, u) if lkb > 1 else 0]
+        bi, hi = b if bb > 1 else 0, h if hb > 1 else 0
+        for r in range(nr):
+            ii, ioff = r0 + r if lqb > 1 else 0, eb + e0s[r]
+            for u in range(lens[r]):
+                X[r, u] += dense[bi, hi, ii, _col(indices, ioff, c0, gathered, u) if lkb > 1 else 0]
     elif kind == SPARSE:
         values, vbase = bias[2], bias[3]
-        vb = vbase[b, h] + e0
-        for u in range(n):
-            X[r, u] += values[vb + u]
+        for r in range(nr):
+            vb = vbase[b, h] + e0s[r]
+            for u in range(lens[r]):
+                X[r, u] += values[vb + u]
     elif kind == ALIBI:
         slopes, offset = bias[4], bias[5]
-        slope, ii = -slopes[h], i + offset
-        for u in range(n):
-            X[r, u] += slope * slopes.dtype.type(abs(_col(indices, ioff, c0, gathered, u) - ii))
+        slope = -slopes[h]
+        for r in range(nr):
+            ii, ioff = r0 + r + offset, eb + e0s[r]
+            for u in range(lens[r]):
+                X[r, u] += slope * slopes.dtype.type(abs(_col(indices, ioff, c0, gathered, u) - ii))
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _forward_row(X, r, n, T, acc, m, l, b, h, i, c0, indices, ioff, gathered, e0, scale, cap, bias,
-                 drop):  # pragma: no cover - compiled
-    """One online-softmax step of row ``r`` over its segment ``X[r, :n]`` (raw dot
-    products in, ``P~ Z / (1 - p)`` out); rescales ``acc[r]``, updates ``m``, ``l``."""
+@numba.njit(cache=True, nogil=True)
+def _online_softmax(X, nr, lens, e0s, m, l, acc, b, h, drop):  # pragma: no cover - compiled
+    """One online-softmax step for each row of a tile: ``S`` in ``X`` in, ``P~ Z / (1 - p)``
+    out; rescales ``acc``, updates the running ``m`` and ``l``."""
     zero, one = X.dtype.type(0), X.dtype.type(1)
-    _scores(X, r, n, T, b, h, i, c0, indices, ioff, gathered, e0, scale, cap, bias)
-    m_new = max(m[r], _max8(X, r, n))
-    alpha = exp(m[r] - m_new)                               # e^(m_old - m_new); 0 from -inf
-    for u in range(n):
-        X[r, u] = exp(X[r, u] - m_new)                      # P~ = exp(S - m_new)
-    l[r] = alpha * l[r] + _sum8(X, r, n)                    # l = e^(m_old - m_new) l + rowsum(P~)
-    m[r] = m_new
-    if alpha != one:
-        for d in range(acc.shape[1]):
-            acc[r, d] *= alpha
+    for r in range(nr):
+        n = lens[r]
+        if n == 0:
+            continue
+        m_new = max(m[r], _max8(X, r, n))
+        alpha = exp(m[r] - m_new)                           # e^(m_old - m_new); 0 from -inf
+        for u in range(n):
+            X[r, u] = exp(X[r, u] - m_new)                  # P~ = exp(S - m_new)
+        l[r] = alpha * l[r] + _sum8(X, r, n)                # l = e^(m_old - m_new) l + rowsum(P~)
+        m[r] = m_new
+        if alpha != one:
+            for d in range(acc.shape[1]):
+                acc[r, d] *= alpha
     if drop[3]:
         keep, kbase, zscale = drop[0], drop[1], drop[2]
-        kb = kbase[b, h] + e0
-        for u in range(n):
-            X[r, u] = X[r, u] * zscale if keep[kb + u] else zero
+        for r in range(nr):
+            kb = kbase[b, h] + e0s[r]
+            for u in range(lens[r]):
+                X[r, u] = X[r, u] * zscale if keep[kb + u] else zero
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _row_grads(X, DP, PZ, r, n, T, b, h, i, c0, indices, ioff, gathered, e0, Li, Di, dli, scale, cap,
-               bias, drop, db_mode, dbias):  # pragma: no cover - compiled
-    """Backward of the row segment ``X[r, :n] = q_i . k_j``, ``DP[r, :n] = dO_i . v_j``.
+@numba.njit(cache=True, nogil=True)
+def _tile_grads(X, DP, PZ, nr, lens, e0s, r0, c0, indices, eb, gathered, b, h, lse, Drow, dlse, scale, cap,
+                T, bias, drop, db_mode, rowterm, dbias):  # pragma: no cover - compiled
+    """Backward of a tile's row segments, ``X = q_i . k_j`` and ``DP = dO_i . v_j``.
 
     Leaves ``P`` in ``X``, ``dS`` times the softcap's derivative in ``DP`` and
-    ``P Z / (1 - p)`` in ``PZ`` (which may be ``X`` itself); writes the dbias terms of
-    ``db_mode`` into ``dbias = (full, entries, entries_base, cols)`` and returns the row's
-    share of a per-row dbias term (``dli`` is 0 without ``dlse``)."""
-    zero = X.dtype.type(0)
+    ``P Z / (1 - p)`` in ``PZ`` (which may be ``X`` itself); adds the dbias terms of
+    ``db_mode`` to ``rowterm`` (per-row terms) or ``dbias = (full, entries,
+    entries_base, cols)``."""
+    zero, one = X.dtype.type(0), X.dtype.type(1)
     has_dropout = drop[3]
-    _scores(X, r, n, T, b, h, i, c0, indices, ioff, gathered, e0, scale, cap, bias)
-    for u in range(n):
-        X[r, u] = exp(X[r, u] - Li)                         # P = exp(S - L)
+    _scores(X, nr, lens, e0s, r0, c0, indices, eb, gathered, b, h, scale, cap, T, bias)
+    for r in range(nr):
+        Li = lse[b, h, r0 + r]
+        for u in range(lens[r]):
+            X[r, u] = exp(X[r, u] - Li)                     # P = exp(S - L)
     if has_dropout:
         keep, kbase, zscale = drop[0], drop[1], drop[2]
-        kb = kbase[b, h] + e0
-        for u in range(n):
-            DP[r, u] = DP[r, u] * zscale if keep[kb + u] else zero   # dP = (dO_i . v_j) Z / (1 - p)
-    for u in range(n):
-        DP[r, u] = X[r, u] * (DP[r, u] - Di)                # dS = P (dP - D_i)
+        for r in range(nr):
+            kb = kbase[b, h] + e0s[r]
+            for u in range(lens[r]):
+                DP[r, u] = DP[r, u] * zscale if keep[kb + u] else zero   # dP = (dO_i . v_j) Z / (1 - p)
+    for r in range(nr):
+        Di = Drow[b, h, r0 + r]
+        for u in range(lens[r]):
+            DP[r, u] = X[r, u] * (DP[r, u] - Di)            # dS = P (dP - D_i)
     if drop[4]:
-        for u in range(n):
-            DP[r, u] += dli * X[r, u]                       #      + dlse_i P
-    term = zero                                             # dbias = dS (the bias is added last)
-    if db_mode == DB_ROWS:
-        term = _sum8(DP, r, n)
+        for r in range(nr):
+            dli = dlse[b, h, r0 + r]
+            for u in range(lens[r]):
+                DP[r, u] += dli * X[r, u]                   #      + dlse_i P
+    if db_mode == DB_ROWS:                                  # dbias = dS (the bias is added last)
+        for r in range(nr):
+            rowterm[r] += _sum8(DP, r, lens[r])
     elif db_mode == DB_ALIBI:
         slopes, offset = bias[4], bias[5]
-        for u in range(n):
-            term += DP[r, u] * -slopes.dtype.type(abs(_col(indices, ioff, c0, gathered, u) - (i + offset)))
+        for r in range(nr):
+            ii, ioff, term = r0 + r + offset, eb + e0s[r], zero
+            for u in range(lens[r]):
+                term += DP[r, u] * -slopes.dtype.type(abs(_col(indices, ioff, c0, gathered, u) - ii))
+            rowterm[r] += term
     elif db_mode == DB_FULL:
         db_full = dbias[0]
-        for u in range(n):
-            db_full[b, h, i, _col(indices, ioff, c0, gathered, u)] = DP[r, u]
+        for r in range(nr):
+            ioff = eb + e0s[r]
+            for u in range(lens[r]):
+                db_full[b, h, r0 + r, _col(indices, ioff, c0, gathered, u)] = DP[r, u]
     elif db_mode == DB_ENTRIES:
         db_entries, db_base = dbias[1], dbias[2]
-        for u in range(n):
-            db_entries[db_base[b, h] + e0 + u] = DP[r, u]
+        for r in range(nr):
+            base = db_base[b, h] + e0s[r]
+            for u in range(lens[r]):
+                db_entries[base + u] = DP[r, u]
     elif db_mode == DB_COLS:
         db_cols = dbias[3]
-        for u in range(n):
-            db_cols[b, h, _col(indices, ioff, c0, gathered, u)] += DP[r, u]
+        for r in range(nr):
+            ioff = eb + e0s[r]
+            for u in range(lens[r]):
+                db_cols[b, h, _col(indices, ioff, c0, gathered, u)] += DP[r, u]
     if cap > 0:
-        one = X.dtype.type(1)
-        for u in range(n):
-            DP[r, u] *= one - T[u] * T[u]                   # d(c tanh(s / c)) / ds = 1 - T^2
+        for r in range(nr):
+            for u in range(lens[r]):
+                DP[r, u] *= one - T[r, u] * T[r, u]         # d(c tanh(s / c)) / ds = 1 - T^2
     if has_dropout:
         keep, kbase, zscale = drop[0], drop[1], drop[2]
-        kb = kbase[b, h] + e0
-        for u in range(n):
-            PZ[r, u] = X[r, u] * zscale if keep[kb + u] else zero
+        for r in range(nr):
+            kb = kbase[b, h] + e0s[r]
+            for u in range(lens[r]):
+                PZ[r, u] = X[r, u] * zscale if keep[kb + u] else zero
     else:
-        for u in range(n):
-            PZ[r, u] = X[r, u]
-    return term
+        for r in range(nr):
+            for u in range(lens[r]):
+                PZ[r, u] = X[r, u]
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -323,47 +349,42 @@ def _forward_block(q, k, v, scale, cap, mask, tl, bias, drop, bq, bk, b, h, I,
     l = np.zeros(nr, dt)                                    # running sum of exp(S - m)
     acc = np.zeros((nr, Dv), dt)                            # unnormalised output
     ptr = ip[r0:r1].copy()                                  # each row's next entry
+    e0s, lens = np.empty(nr, np.int64), np.empty(nr, np.int64)
     sbuf = np.empty(bq * bk, dt)
     pvbuf = np.empty(bq * Dv, dt)
-    XG = np.empty((nr, bk), dt)
-    T = np.empty(bk, dt)
+    XG, T = np.empty((nr, bk), dt), np.empty((nr, bk), dt)
     for t in range(tile_ptr[G, I], tile_ptr[G, I + 1]):
         c0 = tile_key[t] * bk
         c1 = min(Lk, c0 + bk)
         nc = c1 - c0
         full, dense_tile = tile_full[t], tile_dense[t]
+        for r in range(nr):                                 # each row's entries in this tile
+            e0s[r] = ptr[r]
+            ptr[r] = _row_end(indices, eb, ptr[r], ip[r0 + r + 1], c1, full, nc)
+            lens[r] = ptr[r] - e0s[r]
         S = sbuf[:nr * nc].reshape((nr, nc))
         if dense_tile:
             np.dot(Qi, Kg[c0:c1].T, S)                      # Q_I K_J^T
-        for r in range(nr):
-            i = r0 + r
-            e0 = ptr[r]
-            e1 = _row_end(indices, eb, e0, ip[i + 1], c1, full, nc)
-            ptr[r] = e1
-            n = e1 - e0
-            if full:
-                _forward_row(S, r, n, T, acc, m, l, b, h, i, c0, indices, eb + e0, False, e0, scale, cap,
-                             bias, drop)
-                continue
-            if dense_tile:
-                for u in range(n):
-                    XG[r, u] = S[r, indices[eb + e0 + u] - c0]
-                S[r, :] = zero                              # removed entries: P~ = 0
-            else:
-                for u in range(n):
-                    XG[r, u] = _dot(Qi, r, Kg, indices[eb + e0 + u])
-            if n == 0:
-                continue
-            _forward_row(XG, r, n, T, acc, m, l, b, h, i, c0, indices, eb + e0, True, e0, scale, cap,
-                         bias, drop)
-            if dense_tile:
-                for u in range(n):
-                    S[r, indices[eb + e0 + u] - c0] = XG[r, u]
-            else:
-                for u in range(n):
-                    j = indices[eb + e0 + u]
-                    for d in range(Dv):
-                        acc[r, d] += XG[r, u] * Vg[j, d]    # O_i += P~_ij Z_ij / (1 - p) v_j
+        if full:                                            # the segments are S's rows
+            _scores(S, nr, lens, e0s, r0, c0, indices, eb, False, b, h, scale, cap, T, bias)
+            _online_softmax(S, nr, lens, e0s, m, l, acc, b, h, drop)
+        else:                                               # gathered into XG's rows
+            for r in range(nr):
+                for u in range(lens[r]):
+                    j = indices[eb + e0s[r] + u]
+                    XG[r, u] = S[r, j - c0] if dense_tile else _dot(Qi, r, Kg, j)
+            _scores(XG, nr, lens, e0s, r0, c0, indices, eb, True, b, h, scale, cap, T, bias)
+            _online_softmax(XG, nr, lens, e0s, m, l, acc, b, h, drop)
+            for r in range(nr):
+                if dense_tile:
+                    S[r, :] = zero                          # removed entries: P~ = 0
+                    for u in range(lens[r]):
+                        S[r, indices[eb + e0s[r] + u] - c0] = XG[r, u]
+                else:
+                    for u in range(lens[r]):
+                        j = indices[eb + e0s[r] + u]
+                        for d in range(Dv):
+                            acc[r, d] += XG[r, u] * Vg[j, d]   # O_i += P~_ij Z_ij / (1 - p) v_j
         if dense_tile:
             PV = pvbuf[:nr * Dv].reshape((nr, Dv))
             np.dot(S, Vg[c0:c1], PV)                        # O += (P~ Z / (1 - p)) V_J
@@ -402,11 +423,10 @@ def _rowdot_kernel(dout, out, D):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _dq_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, bq, bk,
-              b, h, I, dq, db_mode, db_rows, dbias):  # pragma: no cover
+              b, h, I, dq, db_mode, db_rows, dbias):  # pragma: no cover - compiled
     """dQ of query block ``I`` of (b, h), and the row-owned dbias terms."""
     indptr, indices, base, gid = mask
     tile_ptr, tile_key, tile_full, tile_dense = tl[0], tl[1], tl[2], tl[3]
-    has_dlse = drop[4]
     dt = q.dtype
     zero = dt.type(0)
     Lq, Lk, D = q.shape[2], k.shape[2], q.shape[3]
@@ -420,51 +440,48 @@ def _dq_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, 
     dQi = np.zeros((nr, D), dt)
     rowterm = np.zeros(nr, dt)
     ptr = ip[r0:r1].copy()
+    e0s, lens = np.empty(nr, np.int64), np.empty(nr, np.int64)
     sbuf, dpbuf, qbuf = np.empty(bq * bk, dt), np.empty(bq * bk, dt), np.empty(bq * D, dt)
-    XG, DG, PZ = np.empty((nr, bk), dt), np.empty((nr, bk), dt), np.empty((nr, bk), dt)
-    T = np.empty(bk, dt)
+    XG, DG = np.empty((nr, bk), dt), np.empty((nr, bk), dt)
+    PZ, T = np.empty((nr, bk), dt), np.empty((nr, bk), dt)
     for t in range(tile_ptr[G, I], tile_ptr[G, I + 1]):
         c0 = tile_key[t] * bk
         c1 = min(Lk, c0 + bk)
         nc = c1 - c0
         full, dense_tile = tile_full[t], tile_dense[t]
+        for r in range(nr):
+            e0s[r] = ptr[r]
+            ptr[r] = _row_end(indices, eb, ptr[r], ip[r0 + r + 1], c1, full, nc)
+            lens[r] = ptr[r] - e0s[r]
         S = sbuf[:nr * nc].reshape((nr, nc))
         dP = dpbuf[:nr * nc].reshape((nr, nc))
         if dense_tile:
             np.dot(Qi, Kg[c0:c1].T, S)                      # Q_I K_J^T
             np.dot(dOi, Vg[c0:c1].T, dP)                    # dO_I V_J^T
-        for r in range(nr):
-            i = r0 + r
-            e0 = ptr[r]
-            e1 = _row_end(indices, eb, e0, ip[i + 1], c1, full, nc)
-            ptr[r] = e1
-            n = e1 - e0
-            dli = dlse[b, h, i] if has_dlse else zero
-            if full:                                        # dS goes to dP's row in place
-                rowterm[r] += _row_grads(S, dP, PZ, r, n, T, b, h, i, c0, indices, eb + e0, False, e0,
-                                         lse[b, h, i], Drow[b, h, i], dli, scale, cap, bias, drop,
-                                         db_mode, dbias)
-                continue
-            for u in range(n):
-                j = indices[eb + e0 + u]
+        if full:                                            # dS goes to dP in place
+            _tile_grads(S, dP, PZ, nr, lens, e0s, r0, c0, indices, eb, False, b, h, lse, Drow, dlse, scale,
+                        cap, T, bias, drop, db_mode, rowterm, dbias)
+        else:
+            for r in range(nr):
+                for u in range(lens[r]):
+                    j = indices[eb + e0s[r] + u]
+                    if dense_tile:
+                        XG[r, u], DG[r, u] = S[r, j - c0], dP[r, j - c0]
+                    else:
+                        XG[r, u], DG[r, u] = _dot(Qi, r, Kg, j), _dot(dOi, r, Vg, j)
+            _tile_grads(XG, DG, PZ, nr, lens, e0s, r0, c0, indices, eb, True, b, h, lse, Drow, dlse, scale,
+                        cap, T, bias, drop, db_mode, rowterm, dbias)
+            for r in range(nr):
                 if dense_tile:
-                    XG[r, u], DG[r, u] = S[r, j - c0], dP[r, j - c0]
+                    dP[r, :] = zero                         # removed entries: dS = 0
+                    for u in range(lens[r]):
+                        dP[r, indices[eb + e0s[r] + u] - c0] = DG[r, u]
                 else:
-                    XG[r, u], DG[r, u] = _dot(Qi, r, Kg, j), _dot(dOi, r, Vg, j)
-            if n > 0:
-                rowterm[r] += _row_grads(XG, DG, PZ, r, n, T, b, h, i, c0, indices, eb + e0, True, e0,
-                                         lse[b, h, i], Drow[b, h, i], dli, scale, cap, bias, drop,
-                                         db_mode, dbias)
-            if dense_tile:
-                dP[r, :] = zero                             # removed entries: dS = 0
-                for u in range(n):
-                    dP[r, indices[eb + e0 + u] - c0] = DG[r, u]
-            else:
-                for u in range(n):
-                    j = indices[eb + e0 + u]
-                    w = scale * DG[r, u]
-                    for d in range(D):
-                        dQi[r, d] += w * Kg[j, d]           # dQ_i += scale dS_ij k_j
+                    for u in range(lens[r]):
+                        j = indices[eb + e0s[r] + u]
+                        w = scale * DG[r, u]
+                        for d in range(D):
+                            dQi[r, d] += w * Kg[j, d]       # dQ_i += scale dS_ij k_j
         if dense_tile:
             dSK = qbuf[:nr * D].reshape((nr, D))
             np.dot(dP, Kg[c0:c1], dSK)                      # dQ_I += scale dS K_J
@@ -489,13 +506,12 @@ def _dq_kernel(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop,
 
 @numba.njit(cache=True, nogil=True)
 def _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop, bq, bk,
-                b, g, J, dk, dv, db_mode, dbias):  # pragma: no cover
+                b, g, J, dk, dv, db_mode, dbias):  # pragma: no cover - compiled
     """dK, dV of key block ``J`` of kv head g: for each query head reading g, in
     increasing order, each query block whose tile (I, J) is non-empty, in increasing
     order; and the column-owned dbias terms."""
     indptr, indices, base, gid = mask
     tile_full, tile_dense, tile_query, ttile_ptr, ttile = tl[2], tl[3], tl[4], tl[5], tl[6]
-    has_dlse = drop[4]
     dt = q.dtype
     zero = dt.type(0)
     H, Lq, Lk, D, Dv = q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]
@@ -505,10 +521,12 @@ def _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop
     nc = c1 - c0
     Kj, Vj = k[b, g, c0:c1], v[b, g, c0:c1]
     dKj, dVj = np.zeros((nc, D), dt), np.zeros((nc, Dv), dt)
+    e0s, lens = np.empty(bq, np.int64), np.empty(bq, np.int64)
+    rowterm = np.zeros(bq, dt)                              # unused: no per-row dbias term here
     sbuf, dpbuf = np.empty(bq * bk, dt), np.empty(bq * bk, dt)
     kbuf, vbuf = np.empty(bk * D, dt), np.empty(bk * Dv, dt)
-    XG, DG, PZ = np.empty((bq, bk), dt), np.empty((bq, bk), dt), np.empty((bq, bk), dt)
-    T = np.empty(bk, dt)
+    XG, DG = np.empty((bq, bk), dt), np.empty((bq, bk), dt)
+    PZ, T = np.empty((bq, bk), dt), np.empty((bq, bk), dt)
     for h in range(g * group, (g + 1) * group):
         G = gid[b, h]
         ip, eb = indptr[G], base[G]
@@ -519,44 +537,43 @@ def _dkdv_block(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, drop
             nr = r1 - r0
             Qi, dOi = q[b, h, r0:r1], dout[b, h, r0:r1]
             full, dense_tile = tile_full[t], tile_dense[t]
+            for r in range(nr):
+                i = r0 + r
+                e0s[r] = lower_bound(indices, eb + ip[i], eb + ip[i + 1], c0) - eb
+                lens[r] = _row_end(indices, eb, e0s[r], ip[i + 1], c1, full, nc) - e0s[r]
             S = sbuf[:nr * nc].reshape((nr, nc))
             dP = dpbuf[:nr * nc].reshape((nr, nc))
             if dense_tile:
                 np.dot(Qi, Kj.T, S)
                 np.dot(dOi, Vj.T, dP)
-            for r in range(nr):
-                i = r0 + r
-                e0 = lower_bound(indices, eb + ip[i], eb + ip[i + 1], c0) - eb
-                e1 = _row_end(indices, eb, e0, ip[i + 1], c1, full, nc)
-                n = e1 - e0
-                dli = dlse[b, h, i] if has_dlse else zero
-                if full:                                    # P Z / (1 - p) to S, dS to dP, in place
-                    _row_grads(S, dP, S, r, n, T, b, h, i, c0, indices, eb + e0, False, e0, lse[b, h, i],
-                               Drow[b, h, i], dli, scale, cap, bias, drop, db_mode, dbias)
-                    continue
-                for u in range(n):
-                    c = indices[eb + e0 + u] - c0
+            if full:                                        # P Z / (1 - p) to S, dS to dP, in place
+                _tile_grads(S, dP, S, nr, lens, e0s, r0, c0, indices, eb, False, b, h, lse, Drow, dlse,
+                            scale, cap, T, bias, drop, db_mode, rowterm, dbias)
+            else:
+                for r in range(nr):
+                    for u in range(lens[r]):
+                        c = indices[eb + e0s[r] + u] - c0
+                        if dense_tile:
+                            XG[r, u], DG[r, u] = S[r, c], dP[r, c]
+                        else:
+                            XG[r, u], DG[r, u] = _dot(Qi, r, Kj, c), _dot(dOi, r, Vj, c)
+                _tile_grads(XG, DG, PZ, nr, lens, e0s, r0, c0, indices, eb, True, b, h, lse, Drow, dlse,
+                            scale, cap, T, bias, drop, db_mode, rowterm, dbias)
+                for r in range(nr):
                     if dense_tile:
-                        XG[r, u], DG[r, u] = S[r, c], dP[r, c]
+                        S[r, :] = zero
+                        dP[r, :] = zero
+                        for u in range(lens[r]):
+                            c = indices[eb + e0s[r] + u] - c0
+                            S[r, c], dP[r, c] = PZ[r, u], DG[r, u]
                     else:
-                        XG[r, u], DG[r, u] = _dot(Qi, r, Kj, c), _dot(dOi, r, Vj, c)
-                if n > 0:
-                    _row_grads(XG, DG, PZ, r, n, T, b, h, i, c0, indices, eb + e0, True, e0, lse[b, h, i],
-                               Drow[b, h, i], dli, scale, cap, bias, drop, db_mode, dbias)
-                if dense_tile:
-                    S[r, :] = zero
-                    dP[r, :] = zero
-                    for u in range(n):
-                        c = indices[eb + e0 + u] - c0
-                        S[r, c], dP[r, c] = PZ[r, u], DG[r, u]
-                else:
-                    for u in range(n):
-                        c = indices[eb + e0 + u] - c0
-                        w = scale * DG[r, u]
-                        for d in range(Dv):
-                            dVj[c, d] += PZ[r, u] * dOi[r, d]   # dV_j += P_ij Z_ij / (1 - p) dO_i
-                        for d in range(D):
-                            dKj[c, d] += w * Qi[r, d]       # dK_j += scale dS_ij q_i
+                        for u in range(lens[r]):
+                            c = indices[eb + e0s[r] + u] - c0
+                            w = scale * DG[r, u]
+                            for d in range(Dv):
+                                dVj[c, d] += PZ[r, u] * dOi[r, d]   # dV_j += P_ij Z_ij / (1 - p) dO_i
+                            for d in range(D):
+                                dKj[c, d] += w * Qi[r, d]   # dK_j += scale dS_ij q_i
             if dense_tile:
                 PdO = vbuf[:nc * Dv].reshape((nc, Dv))
                 np.dot(S.T, dOi, PdO)                       # dV_J += (P Z / (1 - p))^T dO_I
