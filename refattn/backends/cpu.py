@@ -79,12 +79,15 @@ def _one_blas_thread():
 
 
 # ---- the compiled arithmetic ----------------------------------------------------------
-# The kernels work on *row segments*: the allowed entries of one query row i within one
-# tile, as compact vectors: x[t] = q_i . k_j of the t-th entry, whose column is
-# j = idx[ioff + t] and whose position in the group's CSR order is e = e0 + t. Each
-# feature (softcap, each kind of bias, dropout, dlse, each place dbias goes) is its own
-# loop over the segment, chosen by a test made once per segment, so that the loops stay
-# branch-free and one compiled kernel per dtype serves every combination of features.
+# The kernels work on a tile's *row segments*: the allowed entries of each query row
+# r0 + r within one tile, as the first lens[r] values of row r of a 2-D buffer: the
+# tile's own row for a full tile (entry u is column c0 + u), else gathered (entry u is
+# CSR position e0s[r] + u, its column read from the CSR). Each feature (softcap, each
+# kind of bias, dropout, dlse, each place dbias goes) is its own loop over the tile,
+# chosen by a test made once per tile, so that the loops stay branch-free and vectorise,
+# and one compiled kernel per dtype serves every combination of features. (Arrays are
+# never sliced per row, nor taken out of tuples outside the branch that uses them:
+# each such view costs reference counting, which cost a third of the forward's time.)
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _dot(A, ra, B, rb):  # pragma: no cover - compiled
