@@ -223,8 +223,27 @@ def cmd_show(args) -> int:
     return 0
 
 
+# ---- refattn bench ------------------------------------------------------------------------
+BENCH_TARGETS = ["cpu"]
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark a backend against its peers (run by hand)",
+                       description="Benchmark a refattn backend against peer implementations and "
+                       "print one table. `refattn bench cpu --help` lists the options of the CPU "
+                       "benchmark.")
+    p.add_argument("target", choices=BENCH_TARGETS, help="what to benchmark: cpu")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the target's options (see its --help)")
+
+
+def cmd_bench(args) -> int:
+    from .bench import cpu  # imported here: torch and the peers load only for a benchmark
+
+    return cpu.main(args.args, prog=f"refattn bench {args.target}")
+
+
 COMMANDS = [("run", add_run, cmd_run), ("patterns", add_patterns, cmd_patterns),
-            ("show", add_show, cmd_show)]
+            ("show", add_show, cmd_show), ("bench", add_bench, cmd_bench)]
 
 
 def build_parser() -> argparse.ArgumentParser:
