@@ -381,7 +381,7 @@ def footnotes(rows: list[dict], peers: list[str], runner: Runner) -> list[str]:
                  and r["peers"].get("flex", {}).get("status") == "ok"][1:]
         notes.append(f"flex first call in {dname} (torch.compile, or a load from its cache): "
                      f"{f['first_s']:.1f} s ({f['case']} n={f['n']} H={f['heads']})"
-                     + (f"; each new shape or mask compiles again: later first calls "
+                     + ("; each new shape or mask compiles again: later first calls "
                         + _span(later) + " s" if later else "") + ".")
     return notes
 
