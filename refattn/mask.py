@@ -122,7 +122,7 @@ class Mask:
     constructor directly.
     """
 
-    __slots__ = ("_groups", "_group_shape", "_matrix_shape", "_ndim")
+    __slots__ = ("_groups", "_group_shape", "_matrix_shape", "_ndim", "_layouts")
 
     def __init__(self, groups, group_shape, matrix_shape, ndim, _token=None):
         if _token is not _PRIVATE:
@@ -134,6 +134,9 @@ class Mask:
         self._group_shape: tuple[int, int] = group_shape
         self._matrix_shape: tuple[int, int] = matrix_shape
         self._ndim: int = ndim
+        # Block layouts computed from this mask, by (block_q, block_k): a mask is a value
+        # (read-only arrays), so a layout once computed stays right (refattn.blocks.blocks).
+        self._layouts: dict = {}
 
     # ---- constructors -------------------------------------------------------------
     @classmethod

@@ -441,3 +441,15 @@ def test_flex_export_equals_create_block_mask_for_the_same_rule(case, block_size
         t = getattr(ref, name)
         assert t.dtype == torch.int32, name
         assert np.array_equal(t.numpy(), getattr(ours, name)), (pattern, name)
+
+
+def test_layout_is_computed_once_per_mask_and_block_size():
+    """A mask is a value, so its layout is kept with it: the second call returns the same
+    object, and it equals a layout computed afresh from an equal mask."""
+    m = Mask.from_dense(np.tril(np.ones((37, 37), dtype=bool)))
+    first = m.blocks(8, 4)
+    assert m.blocks(8, 4) is first
+    assert blocks(m, 8, 4) is first
+    fresh = Mask.from_dense(np.tril(np.ones((37, 37), dtype=bool))).blocks(8, 4)
+    assert fresh is not first and fresh == first
+    assert m.blocks(4, 8) is not first and m.blocks(4, 8) != first
