@@ -94,10 +94,19 @@ class Timing:
         return statistics.median(self.times_s)
 
 
+#: Seconds of idleness before each route is timed. A BLAS or OpenMP library keeps its
+#: worker threads spinning for a while after a call (OpenBLAS for ~0.1 s): the next
+#: route, timed at once, would share the cores with them. Measured here: the first row
+#: after the 2048^3 roofline ran 3x slow without the pause.
+SETTLE_S = 0.3
+
+
 def time_calls(fn: Callable[[], Any], repeat: int) -> Timing:
-    """Call ``fn()`` once to warm up (compile, caches, page faults), then ``repeat`` times
-    timed with ``time.perf_counter``; returns the last call's result with the times. Each
-    result is dropped before the next call starts, so only one is alive at a time."""
+    """After `SETTLE_S` of idleness, call ``fn()`` once to warm up (compile, caches, page
+    faults), then ``repeat`` times timed with ``time.perf_counter``; returns the last
+    call's result with the times. Each result is dropped before the next call starts, so
+    only one is alive at a time."""
+    time.sleep(SETTLE_S)
     t0 = time.perf_counter()
     result = fn()
     first = time.perf_counter() - t0
