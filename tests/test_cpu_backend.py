@@ -247,3 +247,25 @@ def test_int64_indices_give_the_same_bits(rng, dtype):
         results.append(_digest(r, cpu._backward(p, out, lse, dout64, dlse64, config, plan)))
     assert indices.dtype == np.int32
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("B, H, Hkv, Lq, Lk, D, Dv", [
+    (2, 4, 2, 1, 300, 256, 128),     # decoding with a long KV cache, D = 256
+    (1, 2, 1, 130, 70, 256, 1),      # Dv = 1, more queries than keys
+    (2, 3, 3, 65, 65, 1, 300),       # D = 1, Dv wider than a tile
+])
+def test_edge_head_dims(rng, B, H, Hkv, Lq, Lk, D, Dv):
+    m = patterns.get("sliding_window", left=40, right=3).mask(Lq, Lk)
+    q = rng.standard_normal((B, H, Lq, D))
+    k, v = rng.standard_normal((B, Hkv, Lk, D)), rng.standard_normal((B, Hkv, Lk, Dv))
+    kw = dict(softcap=2.0, dropout=Dropout.sample(0.1, m, B, H, seed=1))
+    ref = refattn.forward(q, k, v, m, **kw)
+    got = refattn.forward(q, k, v, m, backend="cpu", **kw)
+    dout = rng.standard_normal(ref.out.shape)
+    gr = refattn.backward(q, k, v, ref.out, ref.lse, dout, m, **kw)
+    gc = refattn.backward(q, k, v, ref.out, ref.lse, dout, m, backend="cpu", **kw)
+    finite = np.isfinite(ref.lse)            # Lq > Lk, bottom-right: the first rows are empty
+    assert np.array_equal(np.isfinite(got.lse), finite) and (got.lse[~finite] == -np.inf).all()
+    for a, b in [(got.out, ref.out), (got.lse[finite], ref.lse[finite]), (gc.dq, gr.dq), (gc.dk, gr.dk),
+                 (gc.dv, gr.dv)]:
+        assert np.max(np.abs(a - b)) <= 1e-12 * max(1.0, np.max(np.abs(b)))
