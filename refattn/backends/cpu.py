@@ -651,7 +651,7 @@ def _plan(p: Problem, bq: int, bk: int) -> _Plan:
         ttiles.append(order + first)
         ttile_ptr[G, 0] = 0
         np.cumsum(np.bincount(grp.indices, minlength=nbk), out=ttile_ptr[G, 1:])
-        ttile_ptr[G] += sum(len(x) for x in ttiles[:-1])
+        ttile_ptr[G] += first                               # this group's tiles start at `first`
         first += grp.indices.shape[0]
     cat = lambda xs, dtype: np.ascontiguousarray(np.concatenate(xs), dtype)  # noqa: E731
     tiles = (tile_ptr, cat(keys, np.int64), cat(fulls, np.bool_), cat(denses, np.bool_),
@@ -747,7 +747,7 @@ def _backward(p: Problem, out, lse, dout, dlse, config, plan: _Plan) -> Grads:
                    bq, bk, dq, DB_NONE if mode == DB_COLS else mode, bufs["rows"], dbias)
         _dkdv_kernel(q, k, v, dout, lse, Drow, dlse_arr, scale, cap, plan.mask, plan.tiles, bias, drop,
                      bq, bk, dk, dv, mode if mode == DB_COLS else DB_NONE, dbias)
-    return Grads(dq, dk, dv, _dbias_reduce(p, mode, bufs, dt))
+    return Grads(dq, dk, dv, _dbias_reduce(p, plan, mode, bufs, dt))
 
 
 # ---- dbias: per-(b, h) terms from the kernels, reduced over broadcast axes here -----------
@@ -781,7 +781,7 @@ def _dbias_buffers(p: Problem, plan: _Plan, dt):
     return DB_NONE, bufs
 
 
-def _dbias_reduce(p: Problem, mode: int, bufs, dt):
+def _dbias_reduce(p: Problem, plan: _Plan, mode: int, bufs, dt):
     """dbias in the bias's layout: the per-(b, h) terms summed over the axes the bias
     broadcasts along, in increasing (b, h) order."""
     B, H = p.batch, p.heads
@@ -795,7 +795,7 @@ def _dbias_reduce(p: Problem, mode: int, bufs, dt):
         out = [[None] * hv for _ in range(bv)]
         for b in range(B):
             for h in range(H):
-                n = p.mask.group(b, h).nnz
+                n = int(plan.nnz[plan.mask[3][b, h]])
                 term = flat[base[b, h]:base[b, h] + n]
                 i, j = (b if bv > 1 else 0), (h if hv > 1 else 0)
                 out[i][j] = term.copy() if out[i][j] is None else out[i][j] + term
