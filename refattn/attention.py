@@ -5,8 +5,26 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from .contract import Grads, Result, check_backward_inputs, first_nonfinite, make_problem
+from .contract import HOST, Grads, Result, check_backward_inputs, make_problem
 from .errors import RefattnError
+
+
+def _on_cuda_device(x) -> bool:
+    """Whether ``x`` is a CUDA device array (CuPy, torch CUDA tensors, Numba device arrays)."""
+    return not isinstance(x, np.ndarray) and hasattr(x, "__cuda_array_interface__")
+
+
+def _array_space(impl, backend: str, q, k, v):
+    """Where the call's arrays live: on the device when q, k or v is a device array of a
+    backend that takes them (its ``DEVICE_ARRAYS``), else in host memory."""
+    device = getattr(impl, "DEVICE_ARRAYS", None)
+    if device is not None and any(device.owns(x) for x in (q, k, v)):
+        return device
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if _on_cuda_device(x):
+            raise RefattnError(f"{name}: a CUDA device array, but backend {backend!r} takes host arrays; "
+                               "use backend='cuda' or copy it to the host")
+    return HOST
 
 
 def _overflow(name: str, idx) -> RefattnError:
@@ -16,26 +34,26 @@ def _overflow(name: str, idx) -> RefattnError:
     )
 
 
-def _check_result(r: Result) -> Result:
+def _check_result(r: Result, arrays) -> Result:
     """Finite inputs must give a finite ``out`` and an ``lse`` that is finite or -inf."""
-    bad = np.isnan(r.lse) | (r.lse == np.inf)
-    if bad.any():
-        raise _overflow("lse", [int(i) for i in np.unravel_index(int(np.flatnonzero(bad)[0]), r.lse.shape)])
-    idx = first_nonfinite(r.out)
+    idx = arrays.first_nonfinite(r.lse, allow_neginf=True)
+    if idx is not None:
+        raise _overflow("lse", idx)
+    idx = arrays.first_nonfinite(r.out)
     if idx is not None:
         raise _overflow("out", idx)
     return r
 
 
-def _check_grads(g: Grads) -> Grads:
+def _check_grads(g: Grads, arrays) -> Grads:
     for name in ("dq", "dk", "dv"):
-        idx = first_nonfinite(getattr(g, name))
+        idx = arrays.first_nonfinite(getattr(g, name))
         if idx is not None:
             raise _overflow(name, idx)
-    if g.dbias is not None:
+    if g.dbias is not None:  # in the bias's layout, in host memory
         leaves = [g.dbias] if isinstance(g.dbias, np.ndarray) else [x for row in g.dbias for x in row]
         for leaf in leaves:
-            idx = first_nonfinite(leaf)
+            idx = HOST.first_nonfinite(leaf)
             if idx is not None:
                 raise _overflow("dbias", idx)
     return g
@@ -78,9 +96,11 @@ def forward(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=
     """
     impl = backends.get(backend)
     config = backends.configure(impl, backend, compute_dtype, options)
-    problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout)
+    arrays = _array_space(impl, backend, q, k, v)
+    problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout,
+                           arrays=arrays)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as an error
-        return _check_result(impl.forward(problem, config))
+        return _check_result(impl.forward(problem, config), arrays)
 
 
 def backward(q, k, v, out, lse, dout, mask=None, *, scale=None, softcap=None, bias=None,
@@ -98,7 +118,9 @@ def backward(q, k, v, out, lse, dout, mask=None, *, scale=None, softcap=None, bi
     """
     impl = backends.get(backend)
     config = backends.configure(impl, backend, compute_dtype, options)
-    problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout)
-    out, lse, dout, dlse = check_backward_inputs(problem, out, lse, dout, dlse)
+    arrays = _array_space(impl, backend, q, k, v)
+    problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout,
+                           arrays=arrays)
+    out, lse, dout, dlse = check_backward_inputs(problem, out, lse, dout, dlse, arrays)
     with np.errstate(over="ignore", invalid="ignore"):
-        return _check_grads(impl.backward(problem, out, lse, dout, dlse, config))
+        return _check_grads(impl.backward(problem, out, lse, dout, dlse, config), arrays)

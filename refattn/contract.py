@@ -118,19 +118,61 @@ def _as_float_array(x, name: str, *, ndim: int | None = None) -> np.ndarray:
     return a
 
 
-def first_nonfinite(a: np.ndarray) -> tuple[int, ...] | None:
-    """Index of the first (C order) non-finite element of ``a``, or None."""
-    fin = np.isfinite(a)
-    if fin.all():
+def first_nonfinite(a: np.ndarray, allow_neginf: bool = False) -> tuple[int, ...] | None:
+    """Index of the first (C order) element of ``a`` that is NaN or infinite (or, with
+    ``allow_neginf``, NaN or +inf), or None."""
+    bad = ~np.isfinite(a)
+    if allow_neginf:
+        bad &= ~np.isneginf(a)
+    if not bad.any():
         return None
-    return tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(~fin.ravel())[0]), a.shape))
+    return tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(bad.ravel())[0]), a.shape))
 
 
-def require_finite(a: np.ndarray, name: str) -> None:
+def require_finite(a, name: str, arrays=None) -> None:
     """Raise `RefattnError` naming ``name`` and the first non-finite index."""
-    idx = first_nonfinite(a)
+    idx = (arrays or HOST).first_nonfinite(a)
     if idx is not None:
         raise RefattnError(f"{name}: non-finite value {a[idx]} at index {list(idx)}; inputs must be finite")
+
+
+def first_bad_lse(p: "Problem", lse: np.ndarray) -> tuple[int, int, int] | None:
+    """The first ``(b, h, i)`` where ``lse`` is NaN or +inf, or is -inf on a row with
+    allowed keys, or not -inf on a row without (spec/backward.md), or None."""
+    for b in range(p.batch):
+        for h in range(p.heads):
+            empty = p.mask.row_counts(b, h) == 0
+            row = lse[b, h]
+            bad = np.isnan(row) | (row == np.inf) | (np.isneginf(row) != empty)
+            if bad.any():
+                return b, h, int(np.flatnonzero(bad)[0])
+    return None
+
+
+class HostArrays:
+    """Where the arrays of a call live, and the checks made on them there: host memory,
+    as NumPy arrays (every backend). A backend that also takes device arrays provides
+    an object with these methods for them (``DEVICE_ARRAYS``, e.g. ``cuda``'s)."""
+
+    name = "host"
+
+    def adopt(self, x, name: str, ndim: int | None = None):
+        """``x`` as an array of a supported floating dtype (and rank ``ndim``)."""
+        return _as_float_array(x, name, ndim=ndim)
+
+    def first_nonfinite(self, a, allow_neginf: bool = False):
+        return first_nonfinite(a, allow_neginf)
+
+    def first_bad_lse(self, p: "Problem", lse):
+        return first_bad_lse(p, lse)
+
+    def float64(self, a):
+        """``a`` as backends receive ``out``, ``lse``, ``dout``, ``dlse``."""
+        return a.astype(np.float64)
+
+
+#: The default: arrays in host memory.
+HOST = HostArrays()
 
 
 def _real_number(x, name: str) -> float:
@@ -142,11 +184,13 @@ def _real_number(x, name: str) -> float:
     return x
 
 
-def make_problem(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=None) -> Problem:
-    """Validate forward arguments (spec/semantics.md) and return a `Problem`."""
-    q = _as_float_array(q, "q", ndim=4)
-    k = _as_float_array(k, "k", ndim=4)
-    v = _as_float_array(v, "v", ndim=4)
+def make_problem(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=None,
+                 arrays: HostArrays = HOST) -> Problem:
+    """Validate forward arguments (spec/semantics.md) and return a `Problem`; ``q``, ``k``,
+    ``v`` are taken and checked where ``arrays`` says (host memory by default)."""
+    q = arrays.adopt(q, "q", ndim=4)
+    k = arrays.adopt(k, "k", ndim=4)
+    v = arrays.adopt(v, "v", ndim=4)
     if not (q.dtype == k.dtype == v.dtype):
         raise RefattnError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, a in (("q", q), ("k", k), ("v", v)):
@@ -165,7 +209,7 @@ def make_problem(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dro
     if H % Hkv != 0:
         raise RefattnError(f"heads: q has H = {H} heads, k/v have Hkv = {Hkv}; H % Hkv must be 0")
     for name, a in (("q", q), ("k", k), ("v", v)):
-        require_finite(a, name)
+        require_finite(a, name, arrays)
 
     if mask is None:
         mask = Mask.full(Lq, Lk)
@@ -219,38 +263,34 @@ def _check_bias(bias, mask: Mask, B: int, H: int, Lq: int, Lk: int):
     return DenseBias(values, a.shape)
 
 
-def check_backward_inputs(p: Problem, out, lse, dout, dlse):
-    """Validate what backward adds to a `Problem`; return float64 (out, lse, dout, dlse)."""
+def check_backward_inputs(p: Problem, out, lse, dout, dlse, arrays: HostArrays = HOST):
+    """Validate what backward adds to a `Problem`; return (out, lse, dout, dlse) as
+    backends take them (float64 host arrays by default; see ``arrays``)."""
     B, H, Lq, Dv = p.batch, p.heads, p.lq, p.dim_v
-    out = _as_float_array(out, "out", ndim=4)
-    dout = _as_float_array(dout, "dout", ndim=4)
-    lse = _as_float_array(lse, "lse", ndim=3)
+    out = arrays.adopt(out, "out", ndim=4)
+    dout = arrays.adopt(dout, "dout", ndim=4)
+    lse = arrays.adopt(lse, "lse", ndim=3)
     for name, a, want in (("out", out, (B, H, Lq, Dv)), ("dout", dout, (B, H, Lq, Dv)),
                           ("lse", lse, (B, H, Lq))):
         if a.shape != want:
             raise RefattnError(f"{name}: expected shape {want}, got {a.shape}")
-    require_finite(out, "out")
-    require_finite(dout, "dout")
-    lse = lse.astype(np.float64)
+    require_finite(out, "out", arrays)
+    require_finite(dout, "dout", arrays)
     # LSE is -inf exactly on the rows with no allowed key (spec: "Empty rows"), and finite
     # elsewhere; anything else would make P = exp(S - LSE) meaningless.
-    for b in range(B):
-        for h in range(H):
-            empty = p.mask.row_counts(b, h) == 0
-            row = lse[b, h]
-            bad = np.isnan(row) | (row == np.inf) | (np.isneginf(row) != empty)
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                what = "has no allowed key, so LSE must be -inf" if empty[i] else \
-                    "has allowed keys, so LSE must be finite"
-                raise RefattnError(f"lse: lse[{b}, {h}, {i}] = {row[i]}, but row {i} {what}")
+    bad = arrays.first_bad_lse(p, lse)
+    if bad is not None:
+        b, h, i = bad
+        what = "has no allowed key, so LSE must be -inf" if p.mask.row_counts(b, h)[i] == 0 else \
+            "has allowed keys, so LSE must be finite"
+        raise RefattnError(f"lse: lse[{b}, {h}, {i}] = {lse[b, h, i]}, but row {i} {what}")
     if dlse is not None:
-        dlse = _as_float_array(dlse, "dlse", ndim=3)
+        dlse = arrays.adopt(dlse, "dlse", ndim=3)
         if dlse.shape != (B, H, Lq):
             raise RefattnError(f"dlse: expected shape {(B, H, Lq)}, got {dlse.shape}")
-        require_finite(dlse, "dlse")
-        dlse = dlse.astype(np.float64)
-    return out.astype(np.float64), lse, dout.astype(np.float64), dlse
+        require_finite(dlse, "dlse", arrays)
+        dlse = arrays.float64(dlse)
+    return arrays.float64(out), arrays.float64(lse), arrays.float64(dout), dlse
 
 
 # ---- dbias layout: shared bookkeeping (the arithmetic that fills it stays per backend) --

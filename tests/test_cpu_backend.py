@@ -133,7 +133,8 @@ def test_both_ways_of_computing_a_partial_tile(monkeypatch, pattern_name, densit
 
 def test_the_two_ways_are_both_used_by_default():
     m = (patterns.get("causal") | patterns.get("random", per_row=2, seed=0, causal=False)).mask(256, 256)
-    plan = cpu._plan(refattn.contract.make_problem(*np.zeros((3, 1, 1, 256, 4)), m), 64, 64)
+    p = refattn.contract.make_problem(*np.zeros((3, 1, 1, 256, 4)), m)
+    plan = cpu._plan(p, refattn.backends.configure(cpu, "cpu", None, {"block_q": 64, "block_k": 64}))
     full, dense = plan.tiles[2], plan.tiles[3]
     assert full.any() and (dense & ~full).any() and (~dense).any()
 
@@ -237,9 +238,9 @@ def test_int64_indices_give_the_same_bits(rng, dtype):
     q, k, v, m, kw, dout, dlse = _everything(rng)
     p = refattn.contract.make_problem(q, k, v, m, **kw)
     config = refattn.backends.configure(cpu, "cpu", dtype, {"block_q": 16, "block_k": 8})
-    narrow = cpu._plan(p, 16, 8)
+    narrow = cpu._plan(p, config)
     indptr, indices, base, gid = narrow.mask
-    wide = cpu._Plan((indptr, indices.astype(np.int64), base, gid), narrow.tiles, narrow.nnz)
+    wide = cpu.Plan((indptr, indices.astype(np.int64), base, gid), narrow.tiles, narrow.nnz)
     results = []
     for plan in (narrow, wide):
         r = cpu._forward(p, config, plan)

@@ -266,7 +266,7 @@ def test_non_string_names(call):
 @pytest.mark.parametrize("dbias", [np.array([1.0, np.inf]), [[np.zeros(2), np.array([np.nan])]]])
 def test_non_finite_dbias_is_an_error(dbias):
     from refattn.attention import _check_grads
-    from refattn.contract import Grads
+    from refattn.contract import HOST, Grads
     z = np.zeros((1, 1, 1, 1))
     with pytest.raises(RefattnError, match="dbias: the result is not finite"):
-        _check_grads(Grads(z, z, z, dbias))
+        _check_grads(Grads(z, z, z, dbias), HOST)

@@ -30,7 +30,6 @@ with the other backends.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -40,10 +39,9 @@ from threadpoolctl import ThreadpoolController
 
 from .._tiles import lower_bound
 from ._exp import exp
-from ..alignment import align_offset
-from ..bias import ALiBi, SparseBias
-from ..blocks import blocks as block_layout
-from ..contract import DenseBias, Grads, Problem, Result, dbias_result
+from ._host import (ALIBI, DB_ALIBI, DB_COLS, DB_ENTRIES, DB_FULL, DB_NONE, DB_ROWS, DENSE, SPARSE, Plan,
+                    bias_args, dbias_buffers, dbias_reduce, drop_args, plan)
+from ..contract import Grads, Problem, Result
 from ..errors import RefattnError
 
 COMPUTE_DTYPES = (np.float64, np.float32)
@@ -62,11 +60,6 @@ def _block_size(value, name: str) -> int:
 
 
 OPTIONS = {"block_q": (_block_size, 64), "block_k": (_block_size, 64)}
-
-# bias kinds, and where dbias is accumulated (row-owned terms in the dQ pass,
-# column-owned ones in the dK/dV pass)
-NO_BIAS, DENSE, SPARSE, ALIBI = 0, 1, 2, 3
-DB_NONE, DB_ROWS, DB_FULL, DB_COLS, DB_ENTRIES, DB_ALIBI = 0, 1, 2, 3, 4, 5
 
 _blas_controller = None
 
@@ -171,7 +164,7 @@ def _col(indices, ioff, c0, gathered, u):  # pragma: no cover - compiled
 def _scores(X, nr, lens, e0s, r0, c0, indices, eb, gathered, b, h, scale, cap, T, bias):  # pragma: no cover
     """``S`` of a tile's row segments ``X[r, :lens[r]]`` in place, from ``q_i . k_j``,
     in the spec's order: scale, softcap (``T = tanh(scale x / cap)`` kept for the
-    backward), bias (`_bias_args`)."""
+    backward), bias (`_host.bias_args`)."""
     kind = bias[0]
     for r in range(nr):
         for u in range(lens[r]):
@@ -603,98 +596,7 @@ def _dkdv_kernel(q, k, v, dout, lse, Drow, dlse, scale, cap, mask, tl, bias, dro
                     b, g, J, dk, dv, db_mode, dbias)
 
 
-# ---- the host side: flat arrays for the kernels ------------------------------------------
-
-@dataclass(frozen=True)
-class _Plan:
-    """The mask and its block layout as the kernels take them, for one call.
-
-    ``mask``: (indptr ``[G, Lq + 1]`` int64 per group, the groups' indices
-    concatenated, each group's offset into them ``[G]``, the group of each (b, h)
-    ``[B, H]``). ``tiles``: (``tile_ptr [G, nbq + 1]``, then per tile its key block,
-    full, dense and query block, then the transposed structure ``ttile_ptr [G, nbk + 1]``
-    and ``ttile``: the tiles of each key block in increasing query block)."""
-
-    mask: tuple
-    tiles: tuple
-    nnz: np.ndarray  # [G] entries per group
-
-
-def _plan(p: Problem, bq: int, bk: int) -> _Plan:
-    csrs = [csr for _, _, csr in p.mask.iter_groups()]
-    bm, hm = p.mask.group_shape
-    gid = np.empty((p.batch, p.heads), np.int64)
-    for b in range(p.batch):
-        for h in range(p.heads):
-            gid[b, h] = (b if bm > 1 else 0) * hm + (h if hm > 1 else 0)
-    indptr = np.stack([np.asarray(c.indptr, np.int64) for c in csrs])
-    nnz = indptr[:, -1].copy()
-    base = np.concatenate([[0], np.cumsum(nnz)[:-1]]).astype(np.int64)
-    # One group: its index array as it is (no copy of what may be gigabytes).
-    indices = csrs[0].indices if len(csrs) == 1 else np.concatenate([c.indices for c in csrs])
-    layout = block_layout(p.mask, bq, bk)
-    nbq, nbk = layout.nbq, layout.nbk
-    tile_ptr = np.empty((len(csrs), nbq + 1), np.int64)
-    keys, fulls, denses, queries, ttile_ptr, ttiles = [], [], [], [], np.empty((len(csrs), nbk + 1), np.int64), []
-    first = 0
-    rows = np.minimum(np.arange(nbq) * bq + bq, p.lq) - np.arange(nbq) * bq
-    cols = np.minimum(np.arange(nbk) * bk + bk, p.lk) - np.arange(nbk) * bk
-    for G, grp in enumerate(layout.groups):
-        tile_ptr[G] = grp.indptr + first
-        I = np.repeat(np.arange(nbq, dtype=np.int64), np.diff(grp.indptr))
-        area = rows[I] * cols[grp.indices]
-        keys.append(grp.indices)
-        fulls.append(grp.full)
-        denses.append(grp.full | (grp.counts >= DENSE_TILE_MIN_DENSITY * area))
-        queries.append(I)
-        order = np.argsort(grp.indices, kind="stable")      # by key block, then query block
-        ttiles.append(order + first)
-        ttile_ptr[G, 0] = 0
-        np.cumsum(np.bincount(grp.indices, minlength=nbk), out=ttile_ptr[G, 1:])
-        ttile_ptr[G] += first                               # this group's tiles start at `first`
-        first += grp.indices.shape[0]
-    cat = lambda xs, dtype: np.ascontiguousarray(np.concatenate(xs), dtype)  # noqa: E731
-    tiles = (tile_ptr, cat(keys, np.int64), cat(fulls, np.bool_), cat(denses, np.bool_),
-             cat(queries, np.int64), ttile_ptr, cat(ttiles, np.int64))
-    return _Plan((indptr, indices, base, gid), tiles, nnz)
-
-
-def _per_bh(grid, p: Problem, dtype):
-    """Values on the nonzeros (`ValueGrid`) as one flat array and the offset of (b, h)'s."""
-    leaves = [leaf for row in grid.grid for leaf in row]
-    flat = np.concatenate(leaves).astype(dtype) if len(leaves) > 1 else leaves[0].astype(dtype)
-    starts = np.concatenate([[0], np.cumsum([x.shape[0] for x in leaves])[:-1]]).astype(np.int64)
-    bv, hv = grid.shape
-    where = np.empty((p.batch, p.heads), np.int64)
-    for b in range(p.batch):
-        for h in range(p.heads):
-            where[b, h] = starts[(b if bv > 1 else 0) * hv + (h if hv > 1 else 0)]
-    return flat, where
-
-
-def _bias_args(p: Problem, dt):
-    """(kind, dense, values, vbase, slopes, alibi offset), unused arrays as 1-element dummies."""
-    dense = np.zeros((1, 1, 1, 1), dt)
-    values, vbase = np.zeros(1, dt), np.zeros((p.batch, p.heads), np.int64)
-    slopes, offset = np.zeros(p.heads, dt), 0
-    kind = NO_BIAS
-    if isinstance(p.bias, DenseBias):
-        kind, dense = DENSE, np.ascontiguousarray(p.bias.values, dt)
-    elif isinstance(p.bias, SparseBias):
-        kind = SPARSE
-        values, vbase = _per_bh(p.bias.grid, p, dt)
-    elif isinstance(p.bias, ALiBi):
-        kind, slopes, offset = ALIBI, p.bias.slopes.astype(dt), align_offset(p.bias.align, p.lq, p.lk)
-    return (kind, dense, values, vbase, slopes, offset)
-
-
-def _drop_args(p: Problem, dt, has_dlse: bool):
-    """(keep, kbase, 1 / (1 - p), dropout on, dlse given)."""
-    if p.dropout is None:
-        return (np.zeros(1, np.bool_), np.zeros((p.batch, p.heads), np.int64), dt.type(1), False, has_dlse)
-    keep, kbase = _per_bh(p.dropout.grid, p, np.bool_)
-    return (keep, kbase, dt.type(1.0 / (1.0 - p.dropout.p)), True, has_dlse)
-
+# ---- the host side -----------------------------------------------------------------------
 
 def _inputs(p: Problem, dt):
     return tuple(np.ascontiguousarray(x, dt) for x in (p.q, p.k, p.v))
@@ -706,16 +608,19 @@ def _scalars(p: Problem, dt):
 
 def forward(p: Problem, config) -> Result:
     """Algorithm 1 over (batch, head, query block) in parallel."""
-    return _forward(p, config, _plan(p, config.options["block_q"], config.options["block_k"]))
+    return _forward(p, config, _plan(p, config))
 
 
 def backward(p: Problem, out, lse, dout, dlse, config) -> Grads:
     """dQ per (batch, head, query block), then dK, dV per (batch, kv head, key block)."""
-    plan = _plan(p, config.options["block_q"], config.options["block_k"])
-    return _backward(p, out, lse, dout, dlse, config, plan)
+    return _backward(p, out, lse, dout, dlse, config, _plan(p, config))
 
 
-def _forward(p: Problem, config, plan: _Plan) -> Result:
+def _plan(p: Problem, config) -> Plan:
+    return plan(p, config.options["block_q"], config.options["block_k"], DENSE_TILE_MIN_DENSITY)
+
+
+def _forward(p: Problem, config, plan: Plan) -> Result:
     dt = np.dtype(config.compute_dtype)
     bq, bk = config.options["block_q"], config.options["block_k"]
     q, k, v = _inputs(p, dt)
@@ -723,20 +628,20 @@ def _forward(p: Problem, config, plan: _Plan) -> Result:
     out = np.zeros((p.batch, p.heads, p.lq, p.dim_v), dt)
     lse = np.full((p.batch, p.heads, p.lq), -np.inf, dt)
     with _one_blas_thread():
-        _forward_kernel(q, k, v, scale, cap, plan.mask, plan.tiles, _bias_args(p, dt),
-                        _drop_args(p, dt, False), bq, bk, out, lse)
+        _forward_kernel(q, k, v, scale, cap, plan.mask, plan.tiles, bias_args(p, dt),
+                        drop_args(p, dt, False), bq, bk, out, lse)
     return Result(out, lse)
 
 
-def _backward(p: Problem, out, lse, dout, dlse, config, plan: _Plan) -> Grads:
+def _backward(p: Problem, out, lse, dout, dlse, config, plan: Plan) -> Grads:
     dt = np.dtype(config.compute_dtype)
     bq, bk = config.options["block_q"], config.options["block_k"]
     q, k, v = _inputs(p, dt)
     out, lse, dout = (np.ascontiguousarray(x, dt) for x in (out, lse, dout))
     dlse_arr = np.zeros((1, 1, 1), dt) if dlse is None else np.ascontiguousarray(dlse, dt)
     scale, cap = _scalars(p, dt)
-    bias, drop = _bias_args(p, dt), _drop_args(p, dt, dlse is not None)
-    mode, bufs = _dbias_buffers(p, plan, dt)
+    bias, drop = bias_args(p, dt), drop_args(p, dt, dlse is not None)
+    mode, bufs = dbias_buffers(p, plan, dt)
     dq, dk, dv = np.zeros(q.shape, dt), np.zeros(k.shape, dt), np.zeros(v.shape, dt)
     Drow = np.empty(lse.shape, dt)
     with _one_blas_thread():
@@ -747,70 +652,4 @@ def _backward(p: Problem, out, lse, dout, dlse, config, plan: _Plan) -> Grads:
                    bq, bk, dq, DB_NONE if mode == DB_COLS else mode, bufs["rows"], dbias)
         _dkdv_kernel(q, k, v, dout, lse, Drow, dlse_arr, scale, cap, plan.mask, plan.tiles, bias, drop,
                      bq, bk, dk, dv, mode if mode == DB_COLS else DB_NONE, dbias)
-    return Grads(dq, dk, dv, _dbias_reduce(p, plan, mode, bufs, dt))
-
-
-# ---- dbias: per-(b, h) terms from the kernels, reduced over broadcast axes here -----------
-
-def _dbias_buffers(p: Problem, plan: _Plan, dt):
-    """Where the kernels put dbias's terms: each (b, h) has its own slots, so no two
-    work items write one element; broadcast axes are summed afterwards."""
-    B, H = p.batch, p.heads
-    bufs = {"rows": np.zeros((1, 1, 1), dt), "full": np.zeros((1, 1, 1, 1), dt),
-            "cols": np.zeros((1, 1, 1), dt), "entries": np.zeros(1, dt),
-            "entries_base": np.zeros((B, H), np.int64)}
-    if isinstance(p.bias, DenseBias):
-        _, _, lqb, lkb = p.bias.values.shape
-        if lkb == 1:
-            bufs["rows"] = np.zeros((B, H, p.lq), dt)      # sum_j dS_ij
-            return DB_ROWS, bufs
-        if lqb == 1:
-            bufs["cols"] = np.zeros((B, H, p.lk), dt)      # sum_i dS_ij
-            return DB_COLS, bufs
-        bufs["full"] = np.zeros((B, H, p.lq, p.lk), dt)
-        return DB_FULL, bufs
-    if isinstance(p.bias, SparseBias):
-        gid = plan.mask[3]
-        sizes = plan.nnz[gid].ravel()
-        bufs["entries_base"] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).reshape(B, H)
-        bufs["entries"] = np.zeros(int(sizes.sum()), dt)
-        return DB_ENTRIES, bufs
-    if isinstance(p.bias, ALiBi):
-        bufs["rows"] = np.zeros((B, H, p.lq), dt)          # sum_j dS_ij * -|j - i'|
-        return DB_ALIBI, bufs
-    return DB_NONE, bufs
-
-
-def _dbias_reduce(p: Problem, plan: _Plan, mode: int, bufs, dt):
-    """dbias in the bias's layout: the per-(b, h) terms summed over the axes the bias
-    broadcasts along, in increasing (b, h) order."""
-    B, H = p.batch, p.heads
-    if mode == DB_NONE:
-        return None
-    if mode == DB_ALIBI:
-        return bufs["rows"].sum(axis=2).sum(axis=0)
-    if mode == DB_ENTRIES:
-        bv, hv = p.bias.grid.shape
-        base, flat = bufs["entries_base"], bufs["entries"]
-        out = [[None] * hv for _ in range(bv)]
-        for b in range(B):
-            for h in range(H):
-                n = int(plan.nnz[plan.mask[3][b, h]])
-                term = flat[base[b, h]:base[b, h] + n]
-                i, j = (b if bv > 1 else 0), (h if hv > 1 else 0)
-                out[i][j] = term.copy() if out[i][j] is None else out[i][j] + term
-        return dbias_result(p, out)
-    bb, hb, lqb, lkb = p.bias.values.shape
-    if mode == DB_ROWS:
-        x = bufs["rows"][..., None]
-        if lqb == 1:
-            x = x.sum(axis=2, keepdims=True)
-    elif mode == DB_COLS:
-        x = bufs["cols"][:, :, None, :]
-    else:
-        x = bufs["full"]
-    if bb == 1:
-        x = x.sum(axis=0, keepdims=True)
-    if hb == 1:
-        x = x.sum(axis=1, keepdims=True)
-    return dbias_result(p, np.ascontiguousarray(x))
+    return Grads(dq, dk, dv, dbias_reduce(p, plan, mode, bufs, dt))
