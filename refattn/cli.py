@@ -92,7 +92,7 @@ def add_run(sub) -> None:
                    help="input dtype (default float32)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
     p.add_argument("--backend", default="dense",
-                   help=f"backend, one of {backends.names()} (default dense)")
+                   help=f"backend, one of {backends.registered()} where available (default dense)")
     p.add_argument("--compute-dtype", choices=["float64", "float32"], default=None,
                    help="precision the backend computes in (default: the backend's, float64)")
     p.add_argument("--backward", action="store_true", help="also run the backward")

@@ -166,8 +166,8 @@ class HostArrays:
     def first_bad_lse(self, p: "Problem", lse):
         return first_bad_lse(p, lse)
 
-    def float64(self, a):
-        """``a`` as backends receive ``out``, ``lse``, ``dout``, ``dlse``."""
+    def to_backend(self, a):
+        """``out``, ``lse``, ``dout`` or ``dlse`` as backends receive them: float64 here."""
         return a.astype(np.float64)
 
 
@@ -289,8 +289,8 @@ def check_backward_inputs(p: Problem, out, lse, dout, dlse, arrays: HostArrays =
         if dlse.shape != (B, H, Lq):
             raise RefattnError(f"dlse: expected shape {(B, H, Lq)}, got {dlse.shape}")
         require_finite(dlse, "dlse", arrays)
-        dlse = arrays.float64(dlse)
-    return arrays.float64(out), arrays.float64(lse), arrays.float64(dout), dlse
+        dlse = arrays.to_backend(dlse)
+    return arrays.to_backend(out), arrays.to_backend(lse), arrays.to_backend(dout), dlse
 
 
 # ---- dbias layout: shared bookkeeping (the arithmetic that fills it stays per backend) --

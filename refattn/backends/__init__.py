@@ -9,7 +9,9 @@ Each backend module provides ``forward(problem, config) -> Result`` and
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from types import MappingProxyType, ModuleType
 
@@ -23,6 +25,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "sparse": ("refattn.backends.sparse", "SciPy: SDDMM on the nonzeros, segmented softmax, SpMM"),
     "tiled": ("refattn.backends.tiled", "FlashAttention-2 in NumPy: tiles, online softmax"),
     "cpu": ("refattn.backends.cpu", "Numba-parallel tiles with BLAS, deterministic for any thread count"),
+    "cuda": ("refattn.backends.cuda", "numba.cuda kernels: shared-memory tiles, no atomics"),
 }
 
 
@@ -60,6 +63,11 @@ def configure(impl: ModuleType, name: str, compute_dtype, options) -> Config:
     return Config(dtype, MappingProxyType(resolved))
 
 
+def registered() -> list[str]:
+    """Every backend refattn has, available here or not (see `names`)."""
+    return list(_BACKENDS)
+
+
 def names() -> list[str]:
     """Names of the backends available on this machine, in registration order."""
     return [n for n in _BACKENDS if _unavailable_reason(n) is None]
@@ -71,7 +79,21 @@ def describe() -> dict[str, str]:
 
 
 def _unavailable_reason(name: str) -> str | None:
-    return None  # every backend registered so far needs only the core dependencies
+    """Why backend ``name`` cannot run here, or None (only ``cuda`` needs more than the
+    core dependencies)."""
+    return _cuda_unavailable_reason() if name == "cuda" else None
+
+
+@functools.cache
+def _cuda_unavailable_reason() -> str | None:
+    if importlib.util.find_spec("numba_cuda") is None:
+        return "numba-cuda is not installed (pip install 'refattn[cuda]')"
+    from numba import cuda
+
+    if cuda.is_available():  # a usable GPU and driver, or the simulator
+        return None
+    return ("Numba finds no usable CUDA GPU or driver (numba.cuda.is_available() is False); "
+            "set NUMBA_ENABLE_CUDASIM=1 before starting Python to run it on Numba's CUDA simulator")
 
 
 def get(name: str) -> ModuleType:

@@ -39,15 +39,19 @@ class Plan:
     nnz: np.ndarray  # [G] entries per group
 
 
+def group_ids(p: Problem) -> np.ndarray:
+    """``[B, H]`` int64: the mask group (in `Mask.iter_groups` order) that (b, h) reads."""
+    bm, hm = p.mask.group_shape
+    b = np.arange(p.batch)[:, None] if bm > 1 else np.zeros((p.batch, 1), np.int64)
+    h = np.arange(p.heads)[None, :] if hm > 1 else np.zeros((1, p.heads), np.int64)
+    return np.ascontiguousarray(np.broadcast_to(b * hm + h, (p.batch, p.heads)), np.int64)
+
+
 def plan(p: Problem, bq: int, bk: int, dense_min_density: float = 1.0) -> Plan:
     """The kernels' view of ``p.mask`` cut into ``bq x bk`` tiles (see `Plan`). A tile is
     marked *dense* when it is full or holds at least ``dense_min_density`` of its entries."""
     csrs = [csr for _, _, csr in p.mask.iter_groups()]
-    bm, hm = p.mask.group_shape
-    gid = np.empty((p.batch, p.heads), np.int64)
-    for b in range(p.batch):
-        for h in range(p.heads):
-            gid[b, h] = (b if bm > 1 else 0) * hm + (h if hm > 1 else 0)
+    gid = group_ids(p)
     indptr = np.stack([np.asarray(c.indptr, np.int64) for c in csrs])
     nnz = indptr[:, -1].copy()
     base = np.concatenate([[0], np.cumsum(nnz)[:-1]]).astype(np.int64)
@@ -119,7 +123,7 @@ def drop_args(p: Problem, dt, has_dlse: bool):
 
 # ---- dbias: per-(b, h) terms from the kernels, reduced over broadcast axes here -----------
 
-def dbias_buffers(p: Problem, plan: Plan, dt):
+def dbias_buffers(p: Problem, nnz_bh: np.ndarray, dt):
     """Where the kernels put dbias's terms: each (b, h) has its own slots, so no two
     work items write one element; broadcast axes are summed afterwards."""
     B, H = p.batch, p.heads
@@ -137,8 +141,7 @@ def dbias_buffers(p: Problem, plan: Plan, dt):
         bufs["full"] = np.zeros((B, H, p.lq, p.lk), dt)
         return DB_FULL, bufs
     if isinstance(p.bias, SparseBias):
-        gid = plan.mask[3]
-        sizes = plan.nnz[gid].ravel()
+        sizes = nnz_bh.ravel()
         bufs["entries_base"] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).reshape(B, H)
         bufs["entries"] = np.zeros(int(sizes.sum()), dt)
         return DB_ENTRIES, bufs
@@ -148,7 +151,7 @@ def dbias_buffers(p: Problem, plan: Plan, dt):
     return DB_NONE, bufs
 
 
-def dbias_reduce(p: Problem, plan: Plan, mode: int, bufs, dt):
+def dbias_reduce(p: Problem, nnz_bh: np.ndarray, mode: int, bufs, dt):
     """dbias in the bias's layout: the per-(b, h) terms summed over the axes the bias
     broadcasts along, in increasing (b, h) order."""
     B, H = p.batch, p.heads
@@ -162,7 +165,7 @@ def dbias_reduce(p: Problem, plan: Plan, mode: int, bufs, dt):
         out = [[None] * hv for _ in range(bv)]
         for b in range(B):
             for h in range(H):
-                n = int(plan.nnz[plan.mask[3][b, h]])
+                n = int(nnz_bh[b, h])
                 term = flat[base[b, h]:base[b, h] + n]
                 i, j = (b if bv > 1 else 0), (h if hv > 1 else 0)
                 out[i][j] = term.copy() if out[i][j] is None else out[i][j] + term

@@ -641,7 +641,8 @@ def _backward(p: Problem, out, lse, dout, dlse, config, plan: Plan) -> Grads:
     dlse_arr = np.zeros((1, 1, 1), dt) if dlse is None else np.ascontiguousarray(dlse, dt)
     scale, cap = _scalars(p, dt)
     bias, drop = bias_args(p, dt), drop_args(p, dt, dlse is not None)
-    mode, bufs = dbias_buffers(p, plan, dt)
+    nnz_bh = plan.nnz[plan.mask[3]]
+    mode, bufs = dbias_buffers(p, nnz_bh, dt)
     dq, dk, dv = np.zeros(q.shape, dt), np.zeros(k.shape, dt), np.zeros(v.shape, dt)
     Drow = np.empty(lse.shape, dt)
     with _one_blas_thread():
@@ -652,4 +653,4 @@ def _backward(p: Problem, out, lse, dout, dlse, config, plan: Plan) -> Grads:
                    bq, bk, dq, DB_NONE if mode == DB_COLS else mode, bufs["rows"], dbias)
         _dkdv_kernel(q, k, v, dout, lse, Drow, dlse_arr, scale, cap, plan.mask, plan.tiles, bias, drop,
                      bq, bk, dk, dv, mode if mode == DB_COLS else DB_NONE, dbias)
-    return Grads(dq, dk, dv, dbias_reduce(p, plan, mode, bufs, dt))
+    return Grads(dq, dk, dv, dbias_reduce(p, nnz_bh, mode, bufs, dt))

@@ -1,0 +1,316 @@
+"""The cuda backend: the reduced cross-backend matrix under Numba's CUDA simulator, its
+device-array path, block sizes, availability, and a compile of its kernels for a real GPU.
+
+On a real GPU the backend also joins the whole matrix (test_backend_matrix.py); under the
+simulator (about 60 us per (query, key) pair, and a Python thread per CUDA thread) each
+axis of the matrix is covered once, on small shapes with blocks smaller than the shapes,
+so that tiles, partial tiles and the transposed walk are all exercised.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import refattn
+from refattn import Mask, RefattnError, backends, patterns
+from refattn.patterns.examples import example
+
+from .test_backend_matrix import FEATURES, RECT, SHAPES, SQUARE, assert_agrees, run_case
+
+pytestmark = pytest.mark.skipif("cuda" not in backends.names(), reason="cuda backend unavailable here")
+
+if "cuda" in backends.names():
+    from numba import cuda as numba_cuda
+
+    from refattn.backends import cuda as cuda_backend
+
+    SIMULATED = cuda_backend.simulated()
+else:  # pragma: no cover - the module is skipped
+    SIMULATED = False
+
+#: Blocks smaller than the test shapes: several tiles per row and column.
+SMALL = {"block_q": 8, "block_k": 8}
+
+
+# ---- the matrix, each axis once ---------------------------------------------------------
+
+@pytest.mark.parametrize("pattern_name", [n for n in patterns.names() if example(n, *SQUARE[:2]) is not None])
+def test_every_pattern(pattern_name):
+    run_case("cuda", pattern_name, "everything", SQUARE, options=SMALL, batch=1)
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_every_feature(feature):
+    run_case("cuda", "sliding_window", feature, RECT, options=SMALL, batch=1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_every_shape(shape):
+    """Default block sizes (64 x 64 here): the 70 x 70 shape spans two blocks each way."""
+    run_case("cuda", "sliding_window", "gqa", shape, batch=1)
+
+
+@pytest.mark.parametrize("pattern_name, feature", [("causal", "dropout"), ("bigbird", "sparse_bias"),
+                                                   ("global_tokens", "dense_bias_broadcast"),
+                                                   ("random", "alibi_top_left"), ("block_sparse", "mqa")])
+def test_features_on_more_patterns(pattern_name, feature):
+    shape = SQUARE if pattern_name == "bigbird" else RECT
+    run_case("cuda", pattern_name, feature, shape, options=SMALL, batch=2)
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data(), lq=st.integers(1, 11), lk=st.integers(1, 11), density=st.floats(0, 1),
+       feature=st.sampled_from(sorted(FEATURES)), per_head=st.booleans())
+def test_random_masks(data, lq, lk, density, feature, per_head):
+    """Hypothesis-drawn masks, empty rows and empty masks included."""
+    H, Hkv, build, with_dlse = FEATURES[feature]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    mask = Mask.from_dense(rng.random((1, H, lq, lk) if per_head else (lq, lk)) < density)
+    q, k, v = rng.standard_normal((1, H, lq, 3)), rng.standard_normal((1, Hkv, lk, 3)), rng.standard_normal((1, Hkv, lk, 2))
+    dout = rng.standard_normal((1, H, lq, 2))
+    dlse = rng.standard_normal((1, H, lq)) if with_dlse else None
+    assert_agrees("cuda", q, k, v, mask, build(rng, mask, 1, H, lq, lk), dout, dlse, {"block_q": 4, "block_k": 4})
+
+
+@pytest.mark.parametrize("bq, bk", [(1, 1), (3, 5), (8, 4), (4, 8), (16, 16)])
+def test_block_sizes(bq, bk):
+    """Every block size agrees with the oracle (hence with each other) to rounding; a
+    block may be larger or smaller than the other one, and than the matrix."""
+    run_case("cuda", "bigbird", "everything", SQUARE, options={"block_q": bq, "block_k": bk}, batch=1)
+
+
+@pytest.mark.parametrize("feature", ["plain", "everything"])
+def test_float32_compute(rng, feature):
+    H, Hkv, build, with_dlse = FEATURES[feature]
+    Lq, Lk, D, Dv = RECT
+    mask = patterns.SlidingWindow(4, 2).mask(Lq, Lk)
+    q, k, v = rng.standard_normal((1, H, Lq, D)), rng.standard_normal((1, Hkv, Lk, D)), rng.standard_normal((1, Hkv, Lk, Dv))
+    kwargs = build(rng, mask, 1, H, Lq, Lk)
+    dout = rng.standard_normal((1, H, Lq, Dv))
+    ref = refattn.forward(q, k, v, mask, **kwargs)
+    got = refattn.forward(q, k, v, mask, backend="cuda", compute_dtype="float32", options=SMALL, **kwargs)
+    assert got.out.dtype == np.float32 and got.lse.dtype == np.float32
+    np.testing.assert_allclose(got.out, ref.out, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.lse, ref.lse, rtol=1e-5, atol=1e-5)
+    g = refattn.backward(q, k, v, ref.out, ref.lse, dout, mask, backend="cuda", compute_dtype="float32",
+                         options=SMALL, **kwargs)
+    gref = refattn.backward(q, k, v, ref.out, ref.lse, dout, mask, **kwargs)
+    for name in ("dq", "dk", "dv"):
+        assert getattr(g, name).dtype == np.float32
+        np.testing.assert_allclose(getattr(g, name), getattr(gref, name), rtol=1e-4, atol=1e-4)
+    assert np.max(np.abs(got.out - ref.out)) > 0            # float32, not float64 in disguise
+
+
+def test_repeated_calls_give_the_same_bits(rng):
+    """No atomics: a second run reproduces every bit (on a GPU the blocks run in another
+    order each time)."""
+    q, k, v = rng.standard_normal((3, 1, 4, 16, 4))
+    mask = example("bigbird", 16, 16, seed=0).mask(16, 16)
+    dout = rng.standard_normal(q.shape)
+    runs = []
+    for _ in range(2):
+        r = refattn.forward(q, k, v, mask, backend="cuda", options=SMALL)
+        g = refattn.backward(q, k, v, r.out, r.lse, dout, mask, backend="cuda", options=SMALL)
+        runs.append([x.tobytes() for x in (r.out, r.lse, g.dq, g.dk, g.dv)])
+    assert runs[0] == runs[1]
+
+
+# ---- device arrays ----------------------------------------------------------------------
+
+def _problem(rng, dtype=np.float64, B=1, H=2, Hkv=1, Lq=9, Lk=11, D=4, Dv=3):
+    q = rng.standard_normal((B, H, Lq, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, Lk, Dv)).astype(dtype)
+    mask = patterns.SlidingWindow(3, 2).mask(Lq, Lk)
+    return q, k, v, mask, rng.standard_normal((B, H, Lq, Dv)).astype(dtype)
+
+
+def _is_device(x):
+    return cuda_backend.DEVICE_ARRAYS.owns(x)
+
+
+def test_device_arrays_in_give_device_arrays_out(rng):
+    q, k, v, mask, dout = _problem(rng)
+    host = refattn.forward(q, k, v, mask, backend="cuda", options=SMALL)
+    dq_, dk_, dv_ = (numba_cuda.to_device(x) for x in (q, k, v))
+    r = refattn.forward(dq_, dk_, dv_, mask, backend="cuda", options=SMALL)
+    assert _is_device(r.out) and _is_device(r.lse)
+    assert np.array_equal(r.out.copy_to_host(), host.out) and np.array_equal(r.lse.copy_to_host(), host.lse)
+    g_host = refattn.backward(q, k, v, host.out, host.lse, dout, mask, backend="cuda", options=SMALL)
+    g = refattn.backward(dq_, dk_, dv_, r.out, r.lse, numba_cuda.to_device(dout), mask, backend="cuda",
+                         options=SMALL)
+    for name in ("dq", "dk", "dv"):
+        assert _is_device(getattr(g, name))
+        assert np.array_equal(getattr(g, name).copy_to_host(), getattr(g_host, name))
+
+
+def test_device_and_host_arrays_mix(rng):
+    """Host arrays in a device call are checked on the host and copied over; results stay
+    on the device. dbias comes back in the host layout of the bias."""
+    q, k, v, mask, dout = _problem(rng)
+    bias = rng.standard_normal((1, 2, 9, 11))
+    ref = refattn.forward(q, k, v, mask, bias=bias)
+    r = refattn.forward(numba_cuda.to_device(q), k, v, mask, bias=bias, backend="cuda", options=SMALL)
+    assert _is_device(r.out)
+    np.testing.assert_allclose(r.out.copy_to_host(), ref.out, rtol=1e-13, atol=1e-13)
+    g = refattn.backward(q, numba_cuda.to_device(k), v, ref.out, ref.lse, dout, mask, bias=bias,
+                         backend="cuda", options=SMALL)
+    gref = refattn.backward(q, k, v, ref.out, ref.lse, dout, mask, bias=bias)
+    assert _is_device(g.dq) and isinstance(g.dbias, np.ndarray)
+    np.testing.assert_allclose(g.dq.copy_to_host(), gref.dq, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(g.dbias, gref.dbias, rtol=1e-12, atol=1e-13)
+
+
+def test_device_inputs_of_another_dtype_are_converted_on_the_device(rng):
+    q, k, v, mask, dout = _problem(rng, np.float16)
+    ref = refattn.forward(q, k, v, mask)                    # float16 inputs, exactly converted
+    r = refattn.forward(*(numba_cuda.to_device(x) for x in (q, k, v)), mask, backend="cuda", options=SMALL)
+    assert r.out.dtype == np.float64
+    np.testing.assert_allclose(r.out.copy_to_host(), ref.out, rtol=1e-13, atol=1e-13)
+
+
+def test_strided_device_inputs_are_used_in_place(rng):
+    """A BSHD array viewed as BHSD (what torch's transpose gives) is read with its strides."""
+    q, k, v, mask, dout = _problem(rng)
+    bshd = [numba_cuda.to_device(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (q, k, v)]
+    views = [x.transpose((0, 2, 1, 3)) for x in bshd]
+    assert not views[0].is_c_contiguous()
+    r = refattn.forward(*views, mask, backend="cuda", options=SMALL)
+    np.testing.assert_allclose(r.out.copy_to_host(), refattn.forward(q, k, v, mask).out, rtol=1e-13, atol=1e-13)
+
+
+def test_device_inputs_are_validated(rng):
+    q, k, v, mask, dout = _problem(rng)
+    bad = q.copy()
+    bad[0, 1, 4, 2] = np.nan
+    with pytest.raises(RefattnError, match=r"q: non-finite value nan at index \[0, 1, 4, 2\]"):
+        refattn.forward(numba_cuda.to_device(bad), k, v, mask, backend="cuda", options=SMALL)
+    with pytest.raises(RefattnError, match="k: expected a 4-D array"):
+        refattn.forward(numba_cuda.to_device(q), numba_cuda.to_device(k[0]), v, mask, backend="cuda")
+    r = refattn.forward(q, k, v, mask)
+    lse = r.lse.copy()
+    lse[0, 0, 3] = -np.inf
+    with pytest.raises(RefattnError, match=r"lse: lse\[0, 0, 3\] = -inf, but row 3 has allowed keys"):
+        refattn.backward(numba_cuda.to_device(q), k, v, r.out, numba_cuda.to_device(lse), dout, mask,
+                         backend="cuda")
+    d = dout.copy()
+    d[0, 1, 8, 0] = np.inf
+    with pytest.raises(RefattnError, match=r"dout: non-finite value inf at index \[0, 1, 8, 0\]"):
+        refattn.backward(numba_cuda.to_device(q), k, v, r.out, r.lse, numba_cuda.to_device(d), mask,
+                         backend="cuda")
+
+
+def test_device_arrays_are_refused_by_host_backends():
+    class OnDevice:  # what CuPy arrays and torch CUDA tensors look like from here
+        __cuda_array_interface__ = {"shape": (1, 1, 2, 2), "typestr": "<f8", "data": (0, False), "version": 3}
+
+    x = np.zeros((1, 1, 2, 2))
+    with pytest.raises(RefattnError, match="k: a CUDA device array, but backend 'cpu' takes host arrays"):
+        refattn.forward(x, OnDevice(), x, backend="cpu")
+
+
+# ---- sizes, options, availability ---------------------------------------------------------
+
+def test_default_block_sizes_fit_shared_memory():
+    from refattn.backends import _cuda_kernels as K
+    assert cuda_backend.block_sizes(np.float32, 64, 64) == (64, 64)
+    assert cuda_backend.block_sizes(np.float64, 64, 64) == (32, 32)
+    assert cuda_backend.block_sizes(np.float32, 256, 256) == (16, 16)
+    for dt in (np.float32, np.float64):
+        for d, dv in ((1, 1), (64, 64), (128, 64), (256, 256), (512, 8)):
+            bq, bk = cuda_backend.block_sizes(dt, d, dv)
+            isz = np.dtype(dt).itemsize
+            assert K.forward_shared_bytes(isz, bq, bk, d, dv) <= K.SHARED_BYTES
+            assert K.dkdv_shared_bytes(isz, bq, bk, d, dv) <= K.SHARED_BYTES
+
+
+def test_sizes_that_do_not_fit_are_refused(rng):
+    with pytest.raises(RefattnError, match="need .* bytes of shared memory .* choose smaller blocks"):
+        cuda_backend.block_sizes(np.float64, 128, 128, 64, 64)
+    with pytest.raises(RefattnError, match="head dims are too large for this backend"):
+        cuda_backend.block_sizes(np.float64, 4096, 4096)
+    q = np.zeros((1, 1, 2, 4))
+    with pytest.raises(RefattnError, match="need .* bytes of shared memory"):
+        refattn.forward(q, q, q, backend="cuda", options={"block_q": 256, "block_k": 256})
+
+
+@pytest.mark.parametrize("value", [0, 257, True, 2.0, "8"])
+def test_block_options_are_validated(value):
+    q = np.zeros((1, 1, 2, 4))
+    with pytest.raises(RefattnError, match=r"options\['block_q'\] must be None .* or an int in \[1, 256\]"):
+        refattn.forward(q, q, q, backend="cuda", options={"block_q": value})
+
+
+def test_the_mask_keeps_its_device_arrays(rng):
+    q, k, v, mask, _ = _problem(rng)
+    refattn.forward(q, k, v, mask, backend="cuda", options=SMALL)
+    keys = [key for key in mask._layouts if key[0] == "cuda"]
+    assert [key[1:3] for key in keys] == [(8, 8)]
+    cached = mask._layouts[keys[0]]
+    refattn.forward(q, k, v, mask, backend="cuda", options=SMALL)
+    assert mask._layouts[keys[0]] is cached
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+@pytest.mark.skipif(not SIMULATED, reason="there is a real GPU here")
+def test_without_a_gpu_or_the_simulator_cuda_is_not_listed():
+    r = _python("""
+        import refattn
+        print(refattn.backends.names())
+        try:
+            refattn.forward([[[[1.0]]]], [[[[1.0]]]], [[[[1.0]]]], backend="cuda")
+        except refattn.RefattnError as e:
+            print(e)
+        """, NUMBA_ENABLE_CUDASIM="0")
+    assert r.returncode == 0, r.stderr
+    listed, message = r.stdout.splitlines()
+    assert "cuda" not in listed and "'cpu'" in listed
+    assert message.startswith("backend: 'cuda' is not available here: Numba finds no usable CUDA GPU")
+    assert "NUMBA_ENABLE_CUDASIM=1" in message
+
+
+def test_the_kernels_compile_for_a_real_gpu():
+    """The simulator runs the kernels as Python and checks no types: compile every kernel
+    to PTX for sm_90 (Hopper), in both dtypes, in a process without the simulator. Needs
+    NVVM (numba-cuda[cu13], in the test extra); no GPU."""
+    r = _python("""
+        import numba, numpy as np
+        from numba import cuda
+        from refattn.backends import _cuda_kernels as K
+        ty = lambda *xs: tuple(numba.typeof(x) for x in xs)
+        i2, i1, i32, b1 = np.zeros((1, 1), np.int64), np.zeros(1, np.int64), np.zeros(1, np.int32), np.zeros(1, bool)
+        for dt in ("float32", "float64"):
+            ks = K.kernels(dt, 64, 32, 64, 64)
+            f4, f3, f1, s = np.zeros((1, 1, 1, 1), dt), np.zeros((1, 1, 1), dt), np.zeros(1, dt), np.dtype(dt).type(1)
+            bias, drop = (1, f4, f1, i2, f1, 0), (b1, i2, s, True)
+            sigs = {
+                ks.forward: ty(f4, f4, f4, s, s, i2, i32, i1, i2, i2, i1, b1, *bias, *drop, f4, f3),
+                ks.dq: ty(f4, f4, f4, f4, f3, f3, f3, True, s, s, i2, i32, i1, i2, i2, i1, b1, *bias, *drop,
+                          f4, 1, f3, f4, f1, i2),
+                ks.dkdv: ty(f4, f4, f4, f4, f3, f3, f3, True, s, s, i2, i32, i1, i2, i1, b1, i2, i1, *bias, *drop,
+                            f4, f4, 1, f3),
+                ks.rowdot: ty(f4, f4, f3),
+                K.cast4: ty(np.zeros((1, 1, 1, 1), np.float16), f4),
+                K.cast3: ty(f3, f3),
+                K.first_bad4: ty(np.zeros((1, 1, 1, 1), np.float16), True, i1),
+                K.first_bad3: ty(f3, True, i1),
+                K.first_bad_lse: ty(f3, np.zeros((1, 1), bool), i2, i1),
+            }
+            for kernel, sig in sigs.items():
+                ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+                assert ".target sm_90" in ptx
+        print("ok")
+        """, NUMBA_ENABLE_CUDASIM="0")
+    if "NvvmSupportError" in r.stderr or "libNVVM cannot be found" in r.stderr:
+        pytest.skip("NVVM is not installed (pip install 'numba-cuda[cu13]')")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
