@@ -78,11 +78,13 @@ def test_random_masks(data, lq, lk, density, feature, per_head):
     assert_agrees("cuda", q, k, v, mask, build(rng, mask, 1, H, lq, lk), dout, dlse, {"block_q": 4, "block_k": 4})
 
 
-@pytest.mark.parametrize("bq, bk", [(1, 1), (3, 5), (8, 4), (4, 8), (16, 16)])
-def test_block_sizes(bq, bk):
+@pytest.mark.parametrize("bq, bk, shape", [(1, 1, (5, 6, 2, 3)), (3, 5, SQUARE), (8, 4, SQUARE), (4, 8, SQUARE),
+                                           (16, 16, SQUARE), (32, 2, RECT)])
+def test_block_sizes(bq, bk, shape):
     """Every block size agrees with the oracle (hence with each other) to rounding; a
     block may be larger or smaller than the other one, and than the matrix."""
-    run_case("cuda", "bigbird", "everything", SQUARE, options={"block_q": bq, "block_k": bk}, batch=1)
+    name = "bigbird" if shape == SQUARE else "sliding_window"
+    run_case("cuda", name, "everything", shape, options={"block_q": bq, "block_k": bk}, batch=1)
 
 
 @pytest.mark.parametrize("feature", ["plain", "everything"])
