@@ -316,3 +316,19 @@ def test_the_kernels_compile_for_a_real_gpu():
     if "NvvmSupportError" in r.stderr or "libNVVM cannot be found" in r.stderr:
         pytest.skip("NVVM is not installed (pip install 'numba-cuda[cu13]')")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_refattn_run_on_cuda(capsys):
+    """The CLI's main job on the cuda backend (default block sizes: one tile here)."""
+    import json
+
+    from refattn.cli import main
+    argv = ["run", "--lq", "12", "--heads", "2", "--kv-heads", "1", "--dim", "4", "--pattern", "causal",
+            "--backward", "--json"]
+    assert main(argv) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--backend", "cuda"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["backend"] == "cuda"
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert got[name]["sum"] == pytest.approx(ref[name]["sum"], rel=1e-12, abs=1e-12)
