@@ -5,25 +5,23 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from .contract import HOST, Grads, Result, check_backward_inputs, make_problem
+from .contract import HOST, Grads, Result, check_backward_inputs, make_problem, on_cuda_device
 from .errors import RefattnError
 
 
-def _on_cuda_device(x) -> bool:
-    """Whether ``x`` is a CUDA device array (CuPy, torch CUDA tensors, Numba device arrays)."""
-    return not isinstance(x, np.ndarray) and hasattr(x, "__cuda_array_interface__")
-
-
-def _array_space(impl, backend: str, q, k, v):
-    """Where the call's arrays live: on the device when q, k or v is a device array of a
-    backend that takes them (its ``DEVICE_ARRAYS``), else in host memory."""
+def _array_space(impl, backend: str, **arrays):
+    """Where the call's arrays live: on the device when any of them is a device array of a
+    backend that takes them (its ``DEVICE_ARRAYS``), else in host memory (where
+    validation refuses device arrays)."""
     device = getattr(impl, "DEVICE_ARRAYS", None)
-    if device is not None and any(device.owns(x) for x in (q, k, v)):
+    if device is None:
+        return HOST
+    if any(device.owns(x) for x in arrays.values()):
         return device
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if _on_cuda_device(x):
-            raise RefattnError(f"{name}: a CUDA device array, but backend {backend!r} takes host arrays; "
-                               "use backend='cuda' or copy it to the host")
+    for name, x in arrays.items():
+        if on_cuda_device(x):  # a device array the backend cannot take: Numba's simulator is on
+            raise RefattnError(f"{name}: a CUDA device array, but backend {backend!r} runs on Numba's CUDA "
+                               "simulator here, which takes only its own arrays (numba.cuda.to_device)")
     return HOST
 
 
@@ -96,7 +94,7 @@ def forward(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=
     """
     impl = backends.get(backend)
     config = backends.configure(impl, backend, compute_dtype, options)
-    arrays = _array_space(impl, backend, q, k, v)
+    arrays = _array_space(impl, backend, q=q, k=k, v=v)
     problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout,
                            arrays=arrays)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as an error
@@ -118,7 +116,7 @@ def backward(q, k, v, out, lse, dout, mask=None, *, scale=None, softcap=None, bi
     """
     impl = backends.get(backend)
     config = backends.configure(impl, backend, compute_dtype, options)
-    arrays = _array_space(impl, backend, q, k, v)
+    arrays = _array_space(impl, backend, q=q, k=k, v=v, out=out, lse=lse, dout=dout, dlse=dlse)
     problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout,
                            arrays=arrays)
     out, lse, dout, dlse = check_backward_inputs(problem, out, lse, dout, dlse, arrays)

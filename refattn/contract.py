@@ -104,8 +104,28 @@ class Problem:
         return self.heads // self.kv_heads
 
 
+def on_cuda_device(x) -> bool:
+    """Whether ``x`` is a CUDA device array: CuPy arrays, torch CUDA tensors, Numba device
+    arrays (anything with ``__cuda_array_interface__``; a torch tensor that requires grad
+    raises on reading it, and counts too)."""
+    if isinstance(x, np.ndarray):
+        return False
+    try:
+        getattr(x, "__cuda_array_interface__")
+    except AttributeError:
+        return False
+    except Exception:  # e.g. torch: "Can't get __cuda_array_interface__ on Variable that requires grad"
+        return True
+    return True
+
+
 def _as_float_array(x, name: str, *, ndim: int | None = None) -> np.ndarray:
-    """``np.asarray(x)`` checked to be a supported floating dtype (and rank)."""
+    """``np.asarray(x)`` checked to be a supported floating dtype (and rank). A device
+    array is refused, never copied to the host behind the caller's back."""
+    if on_cuda_device(x):
+        raise RefattnError(f"{name}: a CUDA device array, but this call runs on the host (a host backend, "
+                           "or q, k, v on the host); use backend='cuda' with q, k, v on the device, "
+                           "or copy it to the host")
     try:
         a = np.asarray(x)
     except Exception as e:  # objects numpy cannot convert

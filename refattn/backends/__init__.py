@@ -2,8 +2,9 @@
 
 Each backend module provides ``forward(problem, config) -> Result`` and
 ``backward(problem, out, lse, dout, dlse, config) -> Grads`` over validated input, where
-``out``, ``lse``, ``dout`` and ``dlse`` (or None) are float64 and ``config`` is a
-`Config`; and ``COMPUTE_DTYPES`` (the dtypes it computes in, its default first) and
+``out``, ``lse``, ``dout`` and ``dlse`` (or None) are float64 host arrays (in a call on
+the device, see ``DEVICE_ARRAYS`` in ``cuda``, device arrays of any float dtype) and
+``config`` is a `Config`; and ``COMPUTE_DTYPES`` (the dtypes it computes in, its default first) and
 ``OPTIONS`` (``{name: (validator, default)}`` of its own tuning options).
 """
 

@@ -95,6 +95,9 @@ def report(cc: tuple[int, int], dim: int, dim_v: int, elementwise: bool = False)
         for name, (kernel, sig) in kernels.items():
             ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
             res = resources(assemble(ptx, f"sm_{cc[0]}{cc[1]}", name))
+            # float64 arithmetic in PTX (an instruction with a .f64 type), which a float32
+            # kernel must not have: a float32 value promoted by a stray int or constant
+            res["f64_instructions"] = len(re.findall(r"^\s*[a-z]+[.a-z0-9]*\.f64\b", ptx, re.M))
             threads = {"forward": bq, "dq": bq, "dkdv": bk}.get(name)
             rows.append({"dtype": dt, "kernel": name, "block_q": bq, "block_k": bk, "threads": threads, **res})
     return rows

@@ -29,7 +29,7 @@ from numba import cuda
 
 from . import _cuda_kernels as K
 from ._host import bias_args, dbias_buffers, dbias_reduce, drop_args, group_ids, plan
-from ..contract import HOST, Grads, HostArrays, Problem, Result
+from ..contract import HOST, Grads, HostArrays, Problem, Result, on_cuda_device
 from ..errors import RefattnError
 
 COMPUTE_DTYPES = (np.float64, np.float32)
@@ -78,7 +78,7 @@ class DeviceArrays(HostArrays):
         if simulated():
             from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
             return isinstance(x, FakeCUDAArray)
-        return hasattr(x, "__cuda_array_interface__")
+        return on_cuda_device(x)
 
     def adopt(self, x, name: str, ndim: int | None = None):
         if not self.owns(x):
@@ -135,11 +135,17 @@ def _elementwise_grid(n: int) -> tuple[int, int]:
 def block_sizes(dtype, dim: int, dim_v: int, block_q=None, block_k=None) -> tuple[int, int]:
     """The ``(block_q, block_k)`` a call uses: the given ones, else the largest of
     64, 32, ... whose kernels fit in `_cuda_kernels.SHARED_BYTES` of shared memory
-    (``block_k`` first, for the forward's staged K and V; then ``block_q`` for dK/dV)."""
+    (``block_k`` first, for the forward's staged K and V, and for dK/dV with a given
+    ``block_q``; then ``block_q`` for dK/dV)."""
     isz = np.dtype(dtype).itemsize
     fits_fwd = lambda bk: K.forward_shared_bytes(isz, 1, bk, dim, dim_v) <= K.SHARED_BYTES  # noqa: E731
     fits_bwd = lambda bq, bk: K.dkdv_shared_bytes(isz, bq, bk, dim, dim_v) <= K.SHARED_BYTES  # noqa: E731
-    bk = block_k if block_k is not None else next((b for b in _DEFAULT_BLOCKS if fits_fwd(b)), 1)
+    if block_k is not None:
+        bk = block_k
+    elif block_q is not None:  # the largest that fits both kernels with the given block_q
+        bk = next((b for b in _DEFAULT_BLOCKS if fits_fwd(b) and fits_bwd(block_q, b)), 1)
+    else:
+        bk = next((b for b in _DEFAULT_BLOCKS if fits_fwd(b)), 1)
     bq = block_q if block_q is not None else next((b for b in _DEFAULT_BLOCKS if fits_bwd(b, bk)), 1)
     need = max(K.forward_shared_bytes(isz, bq, bk, dim, dim_v), K.dkdv_shared_bytes(isz, bq, bk, dim, dim_v))
     if need > K.SHARED_BYTES:
