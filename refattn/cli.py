@@ -223,6 +223,137 @@ def cmd_show(args) -> int:
     return 0
 
 
+# ---- refattn golden ---------------------------------------------------------------------------
+def _progress(stream=None):
+    """A progress callback: a bar redrawn in place on a terminal, a line per case otherwise."""
+    stream = stream or sys.stderr
+    tty = stream.isatty()
+
+    def show(i: int, n: int, case_id: str) -> None:
+        if tty:
+            width = 30
+            done = width * i // max(n, 1)
+            end = "\n" if i == n else ""
+            stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {case_id:<40.40}{end}")
+        elif i < n:
+            stream.write(f"[{i + 1}/{n}] {case_id}\n")
+        stream.flush()
+    return show
+
+
+def add_golden(sub) -> None:
+    p = sub.add_parser("golden", help="the golden suite: generate, check or list its cases",
+                       description="The golden suite (spec/golden-format.md): test vectors for other "
+                       "attention implementations.")
+    gsub = p.add_subparsers(dest="golden_command", metavar="ACTION")
+    gsub.required = True
+    g = gsub.add_parser("generate", help="compute the cases and write them with a manifest",
+                        description="Compute every case (or the --filter ones) from its seed by two "
+                        "independent routes, and write cases/*.npz and manifest.json.")
+    g.add_argument("--out", default="golden", help="folder to write (default: golden)")
+    g.add_argument("--filter", default=None, metavar="EXPR",
+                   help="comma-separated shell patterns over case ids, e.g. 'pattern-*,feature-gqa'")
+    c = gsub.add_parser("check", help="verify a suite's checksums and regenerate it",
+                        description="Check each case file's size and SHA-256 against the manifest, then "
+                        "regenerate the case from its seed: inputs must be equal, outputs within the "
+                        "manifest's agreement bound. Exit 0 only if every case passes.")
+    c.add_argument("dir", nargs="?", default="golden", help="the suite's folder (default: golden)")
+    c.add_argument("--filter", default=None, metavar="EXPR", help="check only these cases (as generate)")
+    ls = gsub.add_parser("list", help="list the suite's cases", description="List the cases of the suite.")
+    ls.add_argument("--filter", default=None, metavar="EXPR", help="list only these cases (as generate)")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def cmd_golden(args) -> int:
+    from . import golden
+
+    if args.golden_command == "list":
+        cases = golden.select(golden.suite(), args.filter)
+        rows = [{"id": c.id, "group": c.group, "pattern": c.pattern.to_dict()["name"] if c.pattern else "explicit",
+                 "shape": "B{B} H{H}/{Hkv} Lq{Lq} Lk{Lk} D{D}/{Dv}".format(**c.shape),
+                 "features": ",".join(c.features) or "-"} for c in cases]
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            widths = {k: max(len(k), *(len(r[k]) for r in rows)) if rows else len(k) for k in rows[0]} if rows \
+                else {}
+            if rows:
+                print("  ".join(k.ljust(widths[k]) for k in widths).rstrip())
+                for r in rows:
+                    print("  ".join(r[k].ljust(widths[k]) for k in widths).rstrip())
+            print(f"{len(rows)} case(s)")
+        return 0
+    if args.golden_command == "generate":
+        manifest = golden.generate(args.out, args.filter, progress=_progress())
+        total = sum(e["bytes"] for e in manifest["cases"])
+        print(f"wrote {len(manifest['cases'])} case(s), {total / 2**20:.1f} MiB, to {args.out}/ "
+              f"(manifest.json, cases/)")
+        return 0
+    results = golden.check(args.dir, args.filter, progress=_progress())
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"FAIL {r.case_id}: {r.message}")
+    print(f"{len(results) - len(failed)} of {len(results)} case(s) pass" + ("" if failed else "; the suite is intact"))
+    return 0 if results and not failed else 1
+
+
+# ---- refattn verify ---------------------------------------------------------------------------
+def add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check an attention implementation against the golden suite",
+                       description="Run IMPL (module:function, in the calling convention of spec/verify.md) "
+                       "on every golden case and judge each tensor by spec/tolerance.md. Prints a table "
+                       "per case; exits 0 only if no case fails and at least one passes (a case IMPL cannot "
+                       "express is reported as unsupported, never as passed).")
+    p.add_argument("impl", metavar="IMPL", help="the forward function, module:function (e.g. refattn.adapters:cpu)")
+    p.add_argument("--backward", metavar="IMPL", default=None,
+                   help="the backward function (default: the forward's `backward` attribute, if any)")
+    p.add_argument("--golden", default="golden", metavar="DIR", help="the suite's folder (default: golden)")
+    p.add_argument("--dtype", default="float32", choices=["float64", "float32", "float16", "bfloat16"],
+                   help="the dtype the inputs are given in and the kernel is judged for (default float32)")
+    p.add_argument("--filter", default=None, metavar="EXPR", help="only these cases (shell patterns over ids)")
+    p.add_argument("--layout", default="bhsd", choices=["bhsd", "bshd"],
+                   help="axis order of q, k, v, out (default bhsd)")
+    p.add_argument("--framework", default="numpy", choices=["numpy", "torch"],
+                   help="give the implementation NumPy arrays (default) or torch tensors")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the verdicts as JSON")
+
+
+def _fmt(x: float) -> str:
+    return "-" if x is None else ("inf" if x == float("inf") else f"{x:.3g}")
+
+
+def cmd_verify(args) -> int:
+    from . import verify
+
+    impl = verify.load_impl(args.impl, args.backward)
+    results = verify.verify(impl, args.golden, args.dtype, args.filter, args.layout, args.framework,
+                            progress=_progress())
+    rows = []
+    for r in results:
+        t = r.first_failure or r.worst
+        rows.append([r.case_id, r.status.upper() if r.status != "pass" else "pass",
+                     t.name if t else "-", _fmt(t.error) if t else "-", _fmt(t.allowed) if t else "-",
+                     _fmt(t.ratio) if t else "-", r.message or (t.note if t else "")])
+    headers = ["case", "status", "tensor", "error", "allowed", "ratio", "note"]
+    widths = [max(len(h), *(len(str(row[i])) for row in rows)) for i, h in enumerate(headers)]
+    print(f"{impl.name} ({args.dtype}, {args.layout}, {args.framework}) against {args.golden}/: "
+          "the failing tensor, else the one nearest its bound")
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    count = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "error", "unsupported")}
+    print(f"{count['pass']} passed, {count['fail']} failed, {count['error']} errors, "
+          f"{count['unsupported']} unsupported, of {len(results)} case(s)")
+    if args.json:
+        import dataclasses as dc
+        with open(args.json, "w") as f:
+            json.dump({"impl": impl.name, "dtype": args.dtype, "cases": [
+                {"id": r.case_id, "status": r.status, "message": r.message,
+                 "tensors": [{**dc.asdict(t), "ratio": t.ratio} for t in r.tensors]} for r in results]},
+                f, indent=1, default=lambda x: None if x != x else str(x))
+    return 0 if count["pass"] and not (count["fail"] or count["error"]) else 1
+
+
 # ---- refattn bench ------------------------------------------------------------------------
 BENCH_TARGETS = ["cpu", "cuda"]
 
@@ -249,7 +380,8 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = [("run", add_run, cmd_run), ("patterns", add_patterns, cmd_patterns),
-            ("show", add_show, cmd_show), ("bench", add_bench, cmd_bench)]
+            ("show", add_show, cmd_show), ("golden", add_golden, cmd_golden), ("verify", add_verify, cmd_verify),
+            ("bench", add_bench, cmd_bench)]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -325,3 +325,205 @@ def suite() -> list[Case]:
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), "golden case ids must be unique"
     return cases
+
+
+# ---- the manifest, generation and the check ---------------------------------------------------
+
+#: The tolerance policy's constants (spec/tolerance.md).
+FACTOR = {"out": 2.0, "lse": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0, "dbias": 3.0}
+ATOL_ULPS = 2.0
+EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+#: Baselines must come out the same when recomputed; they are maxima of rounding errors
+#: computed from exact sums, so only a rounding tie decided differently could move one.
+BASELINE_RTOL = 1e-3
+
+
+def select(cases: list[Case], expr: str | None) -> list[Case]:
+    """The cases whose id matches one of the comma-separated shell patterns of ``expr``
+    (``fnmatch``: ``pattern-*``, ``feature-gqa,shape-*``); all without ``expr``."""
+    import fnmatch
+
+    if expr is None:
+        return list(cases)
+    pats = [s.strip() for s in expr.split(",") if s.strip()]
+    if not pats:
+        raise RefattnError(f"--filter: no pattern in {expr!r}")
+    return [c for c in cases if any(fnmatch.fnmatchcase(c.id, p) for p in pats)]
+
+
+def _problem(inputs: dict):
+    from .contract import make_problem
+
+    return make_problem(inputs["q"], inputs["k"], inputs["v"], inputs["mask"], **_call_kwargs(inputs))
+
+
+def baselines(inputs: dict, gold: dict) -> dict[str, dict[str, float]]:
+    """Per low-precision dtype and tensor: ``max|x_naiveT - x_gold|`` (refattn.lowp)."""
+    from . import lowp
+    from .contract import Grads
+
+    p = _problem(inputs)
+    grads = Grads(gold["dq"], gold["dk"], gold["dv"], gold.get("dbias"))
+    return {dt: {k: float(v) for k, v in lowp.baseline_errors(p, gold["out"], gold["lse"], grads, inputs["dout"],
+                                                              inputs["dlse"], dt).items()}
+            for dt in INPUT_DTYPES}
+
+
+def allowed(base: dict[str, dict[str, float]], gold: dict) -> dict[str, dict[str, float]]:
+    """``factor * baseline + atol_ulps * eps_T * max|x_gold|`` per dtype and tensor."""
+    def big(name):
+        xs = _leaves(gold[name])
+        if name == "lse":
+            xs = [x[np.isfinite(x)] for x in xs]
+        return max((float(np.max(np.abs(x), initial=0.0)) for x in xs), default=0.0)
+    return {dt: {name: FACTOR[name] * b + ATOL_ULPS * EPS[dt] * big(name) for name, b in per.items()}
+            for dt, per in base.items()}
+
+
+def manifest_entry(case: Case, inputs: dict, gold: dict, agree: dict, data: bytes) -> dict:
+    mask: Mask = inputs["mask"]
+    bias = None
+    if case.bias in ("dense", "dense_broadcast"):
+        bias = {"kind": "dense", "shape": list(np.shape(inputs["bias"]))}
+    elif case.bias == "sparse":
+        bias = {"kind": "sparse"}
+    elif case.bias is not None:
+        bias = {"kind": "alibi", "align": inputs["bias"].align}
+    empty = sum(int((mask.row_counts(b, h) == 0).sum()) for b in range(case.B) for h in range(case.H))
+    base = baselines(inputs, gold)
+    return {
+        "id": case.id, "group": case.group, "file": f"cases/{case.id}.npz", "sha256": sha256(data),
+        "bytes": len(data), "pattern": case.pattern.to_dict() if case.pattern is not None else None,
+        "shape": case.shape, "seed": case.seed, "features": list(case.features),
+        "scale": float(inputs["scale"]), "softcap": case.softcap, "bias": bias, "dropout_p": case.dropout_p,
+        "dlse": case.dlse, "mask": {"groups": list(mask.group_shape), "nnz": int(sum(
+            c.nnz for _, _, c in mask.iter_groups())), "empty_rows": empty},
+        "input_dtypes": list(INPUT_DTYPES), "agreement": agree, "baselines": base,
+        "allowed": allowed(base, gold),
+    }
+
+
+def manifest_header() -> dict:
+    from ._version import __version__
+
+    return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "refattn_version": __version__,
+            "routes": list(ROUTES), "agreement_bound": AGREEMENT_BOUND,
+            "input_grid": {"step": GRID_STEP, "max_abs": GRID_MAX},
+            "tolerance": {"policy": "spec/tolerance.md", "factor": FACTOR, "atol_ulps": ATOL_ULPS, "eps": EPS}}
+
+
+def generate(out_dir, expr: str | None = None, progress=None) -> dict:
+    """Write the selected cases and ``manifest.json`` under ``out_dir``; return the manifest.
+    ``progress(i, n, case_id)`` is called before each case."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    cases = select(suite(), expr)
+    if not cases:
+        raise RefattnError(f"--filter {expr!r} selects no case (`refattn golden list` lists them)")
+    entries = []
+    for i, case in enumerate(cases):
+        if progress is not None:
+            progress(i, len(cases), case.id)
+        inputs, gold, agree = compute_case(case)
+        data = write_case(out / "cases" / f"{case.id}.npz", case_arrays(case, inputs, gold))
+        entries.append(manifest_entry(case, inputs, gold, agree, data))
+    if progress is not None:
+        progress(len(cases), len(cases), "")
+    manifest = {**manifest_header(), "cases": entries}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def load_manifest(golden_dir) -> dict:
+    """``manifest.json`` of a suite, checked to be one this version reads."""
+    import json
+    from pathlib import Path
+
+    path = Path(golden_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RefattnError(f"golden: no manifest at {path} (generate one: refattn golden generate --out DIR)") \
+            from None
+    except (OSError, ValueError) as e:
+        raise RefattnError(f"golden: cannot read {path}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise RefattnError(f"golden: {path} is not a refattn golden manifest")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise RefattnError(f"golden: {path} has schema version {manifest.get('schema_version')!r}; "
+                           f"this refattn reads version {SCHEMA_VERSION}")
+    if not isinstance(manifest.get("cases"), list):
+        raise RefattnError(f"golden: {path} has no list of cases")
+    return manifest
+
+
+@dataclass
+class CheckResult:
+    case_id: str
+    ok: bool
+    message: str
+
+
+def check_case(golden_dir, entry: dict, cases_by_id: dict[str, Case]) -> CheckResult:
+    """One case: its file's size and checksum, then a regeneration compared with it."""
+    from pathlib import Path
+
+    cid = entry.get("id", "?")
+    path = Path(golden_dir) / entry.get("file", "")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return CheckResult(cid, False, f"cannot read {path}: {e.strerror or e}")
+    if len(data) != entry.get("bytes") or sha256(data) != entry.get("sha256"):
+        return CheckResult(cid, False, f"{path.name}: size or SHA-256 differs from the manifest "
+                           f"({len(data)} bytes; the file was changed or truncated)")
+    case = cases_by_id.get(cid)
+    if case is None:
+        return CheckResult(cid, False, "not a case of this refattn's suite (generated by another version?)")
+    try:
+        stored = read_case(path)
+        inputs, gold, _ = compute_case(case)
+        fresh = case_arrays(case, inputs, gold)
+    except RefattnError as e:
+        return CheckResult(cid, False, str(e))
+    if set(stored) != set(fresh):
+        return CheckResult(cid, False, f"arrays {sorted(set(stored) ^ set(fresh))} missing or unexpected")
+    outputs = {"out", "lse", "dq", "dk", "dv", "dbias", "dbias_values"}
+    for name in sorted(set(fresh) - outputs):                     # inputs and the mask: exactly
+        if stored[name].dtype != fresh[name].dtype or not np.array_equal(stored[name], fresh[name]):
+            return CheckResult(cid, False, f"input {name!r} differs from its regeneration from seed {case.seed}")
+    floors = _term_floors(inputs)
+    floors["dbias_values"] = floors["dbias"]
+    for name in sorted(set(fresh) & outputs):
+        got = agreement({name: stored[name]}, {name: fresh[name]}, floors)[name]
+        if not got <= AGREEMENT_BOUND:
+            return CheckResult(cid, False, f"{name} differs from its regeneration by {got:.3g} (relative) "
+                               f"> {AGREEMENT_BOUND}")
+    base = baselines(inputs, gold)
+    for dt, per in base.items():
+        for name, b in per.items():
+            s = entry.get("baselines", {}).get(dt, {}).get(name)
+            if s is None or not abs(s - b) <= BASELINE_RTOL * max(b, 1e-300):
+                return CheckResult(cid, False, f"baseline {dt} {name} = {s!r} in the manifest, {b:.6g} recomputed")
+    return CheckResult(cid, True, "ok")
+
+
+def check(golden_dir, expr: str | None = None, progress=None) -> list[CheckResult]:
+    """Check every (selected) case of the suite in ``golden_dir``."""
+    manifest = load_manifest(golden_dir)
+    by_id = {c.id: c for c in suite()}
+    entries = [e for e in manifest["cases"] if isinstance(e, dict)]
+    if expr is not None:
+        chosen = {c.id for c in select([by_id[e["id"]] for e in entries if e.get("id") in by_id], expr)}
+        entries = [e for e in entries if e.get("id") in chosen]
+    results = []
+    for i, entry in enumerate(entries):
+        if progress is not None:
+            progress(i, len(entries), entry.get("id", "?"))
+        results.append(check_case(golden_dir, entry, by_id))
+    if progress is not None:
+        progress(len(entries), len(entries), "")
+    return results
