@@ -34,7 +34,7 @@ def _refattn_backend(name: str):
             kw["bias"] = ALiBi(alibi_slopes, alibi_align)
         if dropout_keep is not None:
             B, H = dropout_keep.shape[:2]
-            kw["dropout"] = Dropout(dropout_p, [[dropout_keep[b, h][mask.group(b, h).to_dense()]
+            kw["dropout"] = Dropout(dropout_p, [[dropout_keep[b, h][mask.group(b, h).toarray()]
                                                  for h in range(H)] for b in range(B)])
         return kw
 
@@ -107,8 +107,9 @@ _FLEX = {}
 def flex(q, k, v, *, mask, mask_dense, scale, softcap=None, bias=None):
     """``torch.compile(flex_attention)`` with a ``BlockMask`` from refattn's block arrays
     and a ``mask_mod`` that reads the dense mask; softcap and a dense bias as a
-    ``score_mod``. Returns the output and the LSE (natural log). Forward only: compiled
-    flex has no backward on the CPU."""
+    ``score_mod``. Returns the output only: compiled flex on the CPU runs inference only
+    and cannot return the LSE (torch 2.13), so the LSE is not provided and there is no
+    backward."""
     import torch
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -120,7 +121,7 @@ def flex(q, k, v, *, mask, mask_dense, scale, softcap=None, bias=None):
     def mask_mod(b, h, q_idx, kv_idx):
         return dense[b, h, q_idx, kv_idx]
 
-    t = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
+    t = lambda x: torch.from_numpy(np.array(x))  # noqa: E731  (a writable copy)
     block_mask = BlockMask.from_kv_blocks(
         t(fm.kv_num_blocks), t(fm.kv_indices), t(fm.full_kv_num_blocks), t(fm.full_kv_indices),
         BLOCK_SIZE=fm.block_size, mask_mod=mask_mod, seq_lengths=(q.shape[2], k.shape[2]))
@@ -134,9 +135,9 @@ def flex(q, k, v, *, mask, mask_dense, scale, softcap=None, bias=None):
             score = score + bb[b, h, q_idx, kv_idx]
         return score
 
-    out, lse = _FLEX["fn"](q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True,
+    with torch.no_grad():
+        return _FLEX["fn"](q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                            enable_gqa=q.shape[1] != k.shape[1])
-    return out, lse
 
 
 flex.mask_form = "flex"

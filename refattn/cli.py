@@ -333,7 +333,8 @@ def cmd_verify(args) -> int:
         t = r.first_failure or r.worst
         rows.append([r.case_id, r.status.upper() if r.status != "pass" else "pass",
                      t.name if t else "-", _fmt(t.error) if t else "-", _fmt(t.allowed) if t else "-",
-                     _fmt(t.ratio) if t else "-", r.message or (t.note if t else "")])
+                     _fmt(t.ratio) if t else "-", (r.message or (t.note if t else "")).splitlines()[0][:100]
+                     if (r.message or (t and t.note)) else ""])
     headers = ["case", "status", "tensor", "error", "allowed", "ratio", "note"]
     widths = [max(len(h), *(len(str(row[i])) for row in rows)) for i, h in enumerate(headers)]
     print(f"{impl.name} ({args.dtype}, {args.layout}, {args.framework}) against {args.golden}/: "

@@ -329,8 +329,14 @@ def suite() -> list[Case]:
 
 # ---- the manifest, generation and the check ---------------------------------------------------
 
-#: The tolerance policy's constants (spec/tolerance.md).
-FACTOR = {"out": 2.0, "lse": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0, "dbias": 3.0}
+#: The tolerance policy's constants (spec/tolerance.md): per dtype T and tensor. In float16
+#: and bfloat16 FlashAttention's factors (2 forward, 3 gradients): a kernel accumulates in
+#: float32, far below T's rounding, as the baseline's exact sums model. In float32 and
+#: float64 a kernel accumulates in T itself, and a D-term sum's rounding grows with D where
+#: the baseline's does not: FlexAttention's float32 factor, 10.
+_HALF = {"out": 2.0, "lse": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0, "dbias": 3.0}
+_FULL = {name: 10.0 for name in _HALF}
+FACTOR = {"float64": _FULL, "float32": _FULL, "float16": _HALF, "bfloat16": _HALF}
 ATOL_ULPS = 2.0
 EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 #: Baselines must come out the same when recomputed; they are maxima of rounding errors
@@ -376,7 +382,7 @@ def allowed(base: dict[str, dict[str, float]], gold: dict) -> dict[str, dict[str
         if name == "lse":
             xs = [x[np.isfinite(x)] for x in xs]
         return max((float(np.max(np.abs(x), initial=0.0)) for x in xs), default=0.0)
-    return {dt: {name: FACTOR[name] * b + ATOL_ULPS * EPS[dt] * big(name) for name, b in per.items()}
+    return {dt: {name: FACTOR[dt][name] * b + ATOL_ULPS * EPS[dt] * big(name) for name, b in per.items()}
             for dt, per in base.items()}
 
 

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 
 from . import golden
 from .errors import RefattnError
@@ -120,8 +121,10 @@ def _rebuild_mask(arrays: dict, entry: dict) -> Mask:
     bm, hm = entry["mask"]["groups"]
     lq, lk = entry["shape"]["Lq"], entry["shape"]["Lk"]
     indptr, indices, offsets = arrays["mask_indptr"], arrays["mask_indices"], arrays["mask_offsets"]
-    groups = [[Mask.from_csr(indptr[b * hm + h], indices[offsets[b * hm + h]:offsets[b * hm + h + 1]], (lq, lk))
-               for h in range(hm)] for b in range(bm)]
+    def group(g: int) -> Mask:
+        cols = indices[offsets[g]:offsets[g + 1]]
+        return Mask.from_csr(sp.csr_array((np.ones(cols.shape[0], bool), cols, indptr[g]), shape=(lq, lk)))
+    groups = [[group(b * hm + h) for h in range(hm)] for b in range(bm)]
     return groups[0][0] if (bm, hm) == (1, 1) else Mask.stack(groups)
 
 
@@ -310,7 +313,7 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
         if bias is not None:
             dbias = frame.back(g["dbias"])
             if dbias is not None and bias["kind"] == "sparse":   # the gradient on the mask's nonzeros
-                dbias = np.concatenate([dbias[b, h][mask.group(b, h).to_dense()] for b in range(B)
+                dbias = np.concatenate([dbias[b, h][mask.group(b, h).toarray()] for b in range(B)
                                         for h in range(H)]) if dbias.ndim == 4 else dbias
                 gold = arrays["dbias_values"]
             else:
