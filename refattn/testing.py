@@ -23,8 +23,28 @@ from . import golden
 from .errors import RefattnError
 from .verify import Impl, verify_case
 
-#: The suite shipped in the repository, beside the package.
+#: The suite committed in the repository, beside the package (an editable install).
 DEFAULT_GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+
+
+def default_golden_dir() -> Path:
+    """The suite `golden_cases` reads by default: ``$REFATTN_GOLDEN`` if set; else the
+    repository's ``golden/`` beside the package; else one generated once into the user's
+    cache (``$XDG_CACHE_HOME/refattn/golden-<version>``, about 3 s): generation is
+    deterministic, so it is the committed suite, byte for byte."""
+    import os
+
+    from ._version import __version__
+
+    env = os.environ.get("REFATTN_GOLDEN")
+    if env:
+        return Path(env)
+    if (DEFAULT_GOLDEN / "manifest.json").exists():
+        return DEFAULT_GOLDEN
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refattn" / f"golden-{__version__}"
+    if not (cache / "manifest.json").exists():
+        golden.generate(cache)
+    return cache
 
 
 @dataclass(frozen=True)
@@ -48,10 +68,10 @@ class GoldenCase:
 
 def golden_cases(filter: str | None = None, golden_dir=None) -> list[GoldenCase]:  # noqa: A002
     """The suite's cases whose id matches ``filter`` (comma-separated shell patterns), for
-    ``pytest.mark.parametrize``. ``golden_dir`` defaults to the repository's ``golden/``."""
+    ``pytest.mark.parametrize``; ``golden_dir`` defaults to `default_golden_dir`."""
     import fnmatch
 
-    gdir = Path(golden_dir) if golden_dir is not None else DEFAULT_GOLDEN
+    gdir = Path(golden_dir) if golden_dir is not None else default_golden_dir()
     entries = golden.load_manifest(gdir)["cases"]
     if filter is not None:
         pats = [p.strip() for p in filter.split(",") if p.strip()]
@@ -79,4 +99,4 @@ def assert_matches_golden(fn, case: GoldenCase, dtype: str = "float32", *, backw
                              f"({t.ratio:.1f}x){': ' + t.note if t.note else ''}")
 
 
-__all__ = ["GoldenCase", "golden_cases", "assert_matches_golden", "RefattnError"]
+__all__ = ["GoldenCase", "golden_cases", "assert_matches_golden", "default_golden_dir", "RefattnError"]
