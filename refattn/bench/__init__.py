@@ -611,3 +611,13 @@ def format_table(headers: list[str], rows: list[list[str]], markdown: bool = Fal
 def free_memory() -> None:
     """Collect garbage (after dropping the big arrays of a case)."""
     gc.collect()
+
+
+def progress_line(row: dict) -> str:
+    """One measured row as a line for stderr while a benchmark runs: each route's time,
+    and DISAGREES where a peer's result is off refattn's."""
+    ref = row["refattn"]
+    parts = [f"refattn {ref['ms']:.2f} ms" if ref.get("status") == "ok" else "refattn -"]
+    parts += [f"{p} {res['ms']:.2f} ms" + ("" if res["agrees"] else " DISAGREES")
+              if res.get("status") == "ok" else f"{p} -" for p, res in row["peers"].items()]
+    return f"  {row['case']} n={row['n']} H={row['heads']} {row['dtype']} {row['mode']}: " + ", ".join(parts)

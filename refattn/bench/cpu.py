@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import backends, patterns
 from ..attention import backward, forward
-from . import (FLOP_CONVENTION, MODES, PEERS, TOLERANCE, BenchMask, Rule, available_memory,
+from . import (FLOP_CONVENTION, progress_line, MODES, PEERS, TOLERANCE, BenchMask, Rule, available_memory,
                compare, dependency_missing, format_table, free_memory, gflops, installed_peers, machine_info,
                machine_line, refattn_route, roofline, setup_torch, time_calls, useful_flops)
 
@@ -418,12 +418,7 @@ def main(argv=None, prog: str | None = None) -> int:
            "rows": runner.rows, "flex_first_call": runner.flex_first}
 
     def emit(row):
-        ref = row["refattn"]
-        parts = [f"refattn {ref['ms']:.2f} ms" if ref.get("status") == "ok" else "refattn -"]
-        parts += [f"{p} {res['ms']:.2f} ms" + ("" if res["agrees"] else " DISAGREES")
-                  if res.get("status") == "ok" else f"{p} -" for p, res in row["peers"].items()]
-        print(f"  {row['case']} n={row['n']} H={row['heads']} {row['dtype']} {row['mode']}: "
-              + ", ".join(parts), file=sys.stderr, flush=True)
+        print(progress_line(row), file=sys.stderr, flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(doc, f, indent=1)

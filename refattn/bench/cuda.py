@@ -51,7 +51,7 @@ from .. import __version__, backends
 from ..attention import backward, forward
 from ..errors import RefattnError
 from . import (FLOP_CONVENTION, MODES, TOLERANCE, BenchMask, Outputs, Timing, compare, compiled_flex, cpu_model,
-               format_table, free_memory, gflops, setup_torch, torch_missing, useful_flops)
+               format_table, free_memory, gflops, progress_line, setup_torch, torch_missing, useful_flops)
 from .cpu import WINDOW, Case, _choices, _fmt_ms, _ints, _positive_float, _short_error, causal_rule, window_rule
 
 #: The sequence lengths of the issue: n in {4k, 16k, 64k}.
@@ -759,12 +759,7 @@ def main(argv=None, prog: str | None = None) -> int:
            "args": dict(vars(args)), "rows": runner.rows}
 
     def emit(row):
-        ref = row["refattn"]
-        parts = [f"refattn {ref['ms']:.2f} ms" if ref.get("status") == "ok" else "refattn -"]
-        parts += [f"{p} {res['ms']:.2f} ms" + ("" if res["agrees"] else " DISAGREES")
-                  if res.get("status") == "ok" else f"{p} -" for p, res in row["peers"].items()]
-        print(f"  {row['case']} n={row['n']} H={row['heads']} {row['dtype']} {row['mode']}: "
-              + ", ".join(parts), file=sys.stderr, flush=True)
+        print(progress_line(row), file=sys.stderr, flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(doc, f, indent=1)
