@@ -90,6 +90,28 @@ def kernels(dtype: str, bq: int, bk: int, dim: int, dim_v: int) -> SimpleNamespa
             s -= slopes[h] * DT(abs(j - (i + alibi_off)))
         return s, t
 
+    @cuda.jit(device=True, inline=True)
+    def stage_kv(Ks, Vs, k, v, b, g, c0, nc, r):  # pragma: no cover - compiled
+        """``K_J``, ``V_J`` (keys ``c0 .. c0 + nc - 1``) into shared memory, by the block's
+        ``BQ`` threads together; the barriers around it keep the previous tile until every
+        thread is done with it, and the new one until every thread has written its part."""
+        cuda.syncthreads()
+        for x in range(r, nc * D, BQ):
+            Ks[x // D, x % D] = k[b, g, c0 + x // D, x % D]
+        for x in range(r, nc * DV, BQ):
+            Vs[x // DV, x % DV] = v[b, g, c0 + x // DV, x % DV]
+        cuda.syncthreads()
+
+    @cuda.jit(device=True, inline=True)
+    def row_run_end(indices, eb, ptr, stop, c1, full, nc):  # pragma: no cover - compiled
+        """The end of a row's run of entries with key < ``c1`` from CSR position ``ptr``: in
+        a full tile, all ``nc`` keys of the tile without reading the CSR."""
+        if full:
+            return ptr + nc
+        while ptr < stop and indices[eb + ptr] < c1:
+            ptr += 1
+        return ptr
+
     @cuda.jit
     def forward(q, k, v, scale, cap, indptr, indices, base, gid, tile_ptr, tile_key, tile_full,
                 kind, bdense, bvalues, vbase, slopes, alibi_off, keep, kbase, zscale, has_drop,
@@ -118,20 +140,11 @@ def kernels(dtype: str, bq: int, bk: int, dim: int, dim_v: int) -> SimpleNamespa
         for t in range(tile_ptr[G, I], tile_ptr[G, I + 1]):
             c0 = tile_key[t] * BK
             nc = min(BK, Lk - c0)
-            cuda.syncthreads()                                  # the previous tile is used up
-            for x in range(r, nc * D, BQ):
-                Ks[x // D, x % D] = k[b, g, c0 + x // D, x % D]
-            for x in range(r, nc * DV, BQ):
-                Vs[x // DV, x % DV] = v[b, g, c0 + x // DV, x % DV]
-            cuda.syncthreads()
+            stage_kv(Ks, Vs, k, v, b, g, c0, nc, r)
             if active:
                 full = tile_full[t]
                 e0 = ptr                                        # the row's entries in this tile
-                if full:
-                    ptr = e0 + nc
-                else:
-                    while ptr < stop and indices[eb + ptr] < c0 + nc:
-                        ptr += 1
+                ptr = row_run_end(indices, eb, ptr, stop, c0 + nc, full, nc)
                 n = ptr - e0
                 if n > 0:
                     mt = neg_inf
@@ -202,20 +215,11 @@ def kernels(dtype: str, bq: int, bk: int, dim: int, dim_v: int) -> SimpleNamespa
         for t in range(tile_ptr[G, I], tile_ptr[G, I + 1]):
             c0 = tile_key[t] * BK
             nc = min(BK, Lk - c0)
-            cuda.syncthreads()
-            for x in range(r, nc * D, BQ):
-                Ks[x // D, x % D] = k[b, g, c0 + x // D, x % D]
-            for x in range(r, nc * DV, BQ):
-                Vs[x // DV, x % DV] = v[b, g, c0 + x // DV, x % DV]
-            cuda.syncthreads()
+            stage_kv(Ks, Vs, k, v, b, g, c0, nc, r)
             if active:
                 full = tile_full[t]
                 e0 = ptr
-                if full:
-                    ptr = e0 + nc
-                else:
-                    while ptr < stop and indices[eb + ptr] < c0 + nc:
-                        ptr += 1
+                ptr = row_run_end(indices, eb, ptr, stop, c0 + nc, full, nc)
                 for e in range(e0, ptr):
                     j = c0 + (e - e0) if full else indices[eb + e]
                     x = zero
