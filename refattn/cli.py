@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -347,11 +348,15 @@ def cmd_verify(args) -> int:
           f"{count['unsupported']} unsupported, of {len(results)} case(s)")
     if args.json:
         import dataclasses as dc
+
+        def finite(x):  # strict JSON has no NaN or Infinity: those go as strings
+            return x if not isinstance(x, float) or math.isfinite(x) else str(x)
         with open(args.json, "w") as f:
-            json.dump({"impl": impl.name, "dtype": args.dtype, "cases": [
-                {"id": r.case_id, "status": r.status, "message": r.message,
-                 "tensors": [{**dc.asdict(t), "ratio": t.ratio} for t in r.tensors]} for r in results]},
-                f, indent=1, default=lambda x: None if x != x else str(x))
+            json.dump({"impl": impl.name, "dtype": args.dtype, "layout": args.layout, "framework": args.framework,
+                       "cases": [{"id": r.case_id, "status": r.status, "message": r.message,
+                                  "tensors": [{k: finite(v) for k, v in {**dc.asdict(t), "ratio": t.ratio}.items()}
+                                              for t in r.tensors]} for r in results]},
+                      f, indent=1, allow_nan=False)
     return 0 if count["pass"] and not (count["fail"] or count["error"]) else 1
 
 

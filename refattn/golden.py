@@ -312,12 +312,12 @@ def suite() -> list[Case]:
         cases.append(Case(f"feature-{fid}", "feature", p, B, H, Hkv, Lq, Lk, d, dv, seed, feats,
                           explicit_mask=_empty_rows_mask if p is None else None, **opts))
     shapes = [
-        ("L1", causal, (1, 1, 1, 1, 1, 8, 8), ()),
-        ("D1", window, (1, 2, 2, 33, 33, 1, 1), ()),
-        ("D256", causal, (1, 1, 1, 20, 20, 256, 256), ()),
-        ("L77", causal, (1, 2, 1, 77, 77, 16, 16), ("gqa",)),
+        ("l1", causal, (1, 1, 1, 1, 1, 8, 8), ()),
+        ("d1", window, (1, 2, 2, 33, 33, 1, 1), ()),
+        ("d256", causal, (1, 1, 1, 20, 20, 256, 256), ()),
+        ("l77", causal, (1, 2, 1, 77, 77, 16, 16), ("gqa",)),
         ("decode", causal, (2, 4, 2, 1, 100, 32, 32), ("decode", "rect", "gqa")),
-        ("L130-window", window, (1, 1, 1, 130, 130, 8, 8), ()),
+        ("l130-window", window, (1, 1, 1, 130, 130, 8, 8), ()),
     ]
     for sid, p, (B, H, Hkv, Lq, Lk, d, dv), feats in shapes:
         seed += 1
@@ -400,7 +400,8 @@ def manifest_entry(case: Case, inputs: dict, gold: dict, agree: dict, data: byte
     return {
         "id": case.id, "group": case.group, "file": f"cases/{case.id}.npz", "sha256": sha256(data),
         "bytes": len(data), "pattern": case.pattern.to_dict() if case.pattern is not None else None,
-        "shape": case.shape, "seed": case.seed, "features": list(case.features),
+        "shape": case.shape, "seed": case.seed,
+        "features": list(case.features) + (["empty_rows"] if empty and "empty_rows" not in case.features else []),
         "scale": float(inputs["scale"]), "softcap": case.softcap, "bias": bias, "dropout_p": case.dropout_p,
         "dlse": case.dlse, "mask": {"groups": list(mask.group_shape), "nnz": int(sum(
             c.nnz for _, _, c in mask.iter_groups())), "empty_rows": empty},
@@ -474,7 +475,23 @@ class CheckResult:
 
 
 def check_case(golden_dir, entry: dict, cases_by_id: dict[str, Case]) -> CheckResult:
-    """One case: its file's size and checksum, then a regeneration compared with it."""
+    """One case: its file's size and checksum, then a regeneration compared with it (a
+    malformed manifest entry is a failed check, not a crash)."""
+    cid = entry.get("id", "?") if isinstance(entry, dict) else "?"
+    if not isinstance(entry, dict):
+        return CheckResult(cid, False, f"malformed manifest entry: expected an object, got {type(entry).__name__}")
+    try:
+        return _check_case(golden_dir, entry, cases_by_id)
+    except (TypeError, AttributeError, KeyError, ValueError) as e:
+        return CheckResult(cid, False, f"malformed manifest entry: {type(e).__name__}: {e}")
+
+
+#: Manifest keys that are measurements of this machine's routes, compared within bounds
+#: (agreement: not at all, it is rounding noise of the two routes) rather than exactly.
+_MEASURED = {"agreement", "baselines", "allowed"}
+
+
+def _check_case(golden_dir, entry: dict, cases_by_id: dict[str, Case]) -> CheckResult:
     from pathlib import Path
 
     cid = entry.get("id", "?")
@@ -508,8 +525,13 @@ def check_case(golden_dir, entry: dict, cases_by_id: dict[str, Case]) -> CheckRe
         if not got <= AGREEMENT_BOUND:
             return CheckResult(cid, False, f"{name} differs from its regeneration by {got:.3g} (relative) "
                                f"> {AGREEMENT_BOUND}")
-    base = baselines(inputs, gold)
-    for key, fresh_values in (("baselines", base), ("allowed", allowed(base, gold))):
+    expected = manifest_entry(case, inputs, gold, {}, data)
+    for key in sorted(set(expected) | set(entry)):
+        if key not in _MEASURED and entry.get(key) != expected.get(key):
+            return CheckResult(cid, False, f"manifest key {key!r} is {entry.get(key)!r}, the case gives "
+                               f"{expected.get(key)!r}")
+    base = expected["baselines"]
+    for key, fresh_values in (("baselines", base), ("allowed", expected["allowed"])):
         for dt, per in fresh_values.items():
             for name, b in per.items():
                 s = entry.get(key, {}).get(dt, {}).get(name)
@@ -522,10 +544,14 @@ def check(golden_dir, expr: str | None = None, progress=None) -> list[CheckResul
     """Check every (selected) case of the suite in ``golden_dir``."""
     manifest = load_manifest(golden_dir)
     by_id = {c.id: c for c in suite()}
-    entries = [e for e in manifest["cases"] if isinstance(e, dict)]
+    entries = manifest["cases"]
     if expr is not None:
-        chosen = {c.id for c in select([by_id[e["id"]] for e in entries if e.get("id") in by_id], expr)}
-        entries = [e for e in entries if e.get("id") in chosen]
+        pats = [p.strip() for p in expr.split(",") if p.strip()]
+        import fnmatch
+        entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)
+                   and any(fnmatch.fnmatchcase(e["id"], p) for p in pats)]
+        if not entries:
+            raise RefattnError(f"--filter {expr!r} selects no case of {golden_dir}")
     results = []
     for i, entry in enumerate(entries):
         if progress is not None:
