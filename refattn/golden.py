@@ -344,17 +344,31 @@ EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16"
 BASELINE_RTOL = 1e-3
 
 
-def select(cases: list[Case], expr: str | None) -> list[Case]:
-    """The cases whose id matches one of the comma-separated shell patterns of ``expr``
-    (``fnmatch``: ``pattern-*``, ``feature-gqa,shape-*``); all without ``expr``."""
+def id_matches(case_id, expr: str) -> bool:
+    """Whether ``case_id`` matches one of the comma-separated shell patterns of ``expr``
+    (``fnmatch``: ``pattern-*``, ``feature-gqa,shape-*``)."""
     import fnmatch
 
-    if expr is None:
-        return list(cases)
     pats = [s.strip() for s in expr.split(",") if s.strip()]
     if not pats:
         raise RefattnError(f"--filter: no pattern in {expr!r}")
-    return [c for c in cases if any(fnmatch.fnmatchcase(c.id, p) for p in pats)]
+    return isinstance(case_id, str) and any(fnmatch.fnmatchcase(case_id, p) for p in pats)
+
+
+def select_entries(entries: list, expr: str | None, where: str) -> list:
+    """The manifest entries whose id matches ``expr`` (all without it); `RefattnError` if
+    ``expr`` selects none."""
+    if expr is None:
+        return list(entries)
+    chosen = [e for e in entries if isinstance(e, dict) and id_matches(e.get("id"), expr)]
+    if not chosen:
+        raise RefattnError(f"--filter {expr!r} selects no case of {where}")
+    return chosen
+
+
+def select(cases: list[Case], expr: str | None) -> list[Case]:
+    """The cases whose id matches ``expr`` (`id_matches`); all without ``expr``."""
+    return list(cases) if expr is None else [c for c in cases if id_matches(c.id, expr)]
 
 
 def _problem(inputs: dict):
@@ -544,14 +558,7 @@ def check(golden_dir, expr: str | None = None, progress=None) -> list[CheckResul
     """Check every (selected) case of the suite in ``golden_dir``."""
     manifest = load_manifest(golden_dir)
     by_id = {c.id: c for c in suite()}
-    entries = manifest["cases"]
-    if expr is not None:
-        pats = [p.strip() for p in expr.split(",") if p.strip()]
-        import fnmatch
-        entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)
-                   and any(fnmatch.fnmatchcase(e["id"], p) for p in pats)]
-        if not entries:
-            raise RefattnError(f"--filter {expr!r} selects no case of {golden_dir}")
+    entries = select_entries(manifest["cases"], expr, str(golden_dir))
     results = []
     for i, entry in enumerate(entries):
         if progress is not None:

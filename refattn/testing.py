@@ -69,13 +69,10 @@ class GoldenCase:
 def golden_cases(filter: str | None = None, golden_dir=None) -> list[GoldenCase]:  # noqa: A002
     """The suite's cases whose id matches ``filter`` (comma-separated shell patterns), for
     ``pytest.mark.parametrize``; ``golden_dir`` defaults to `default_golden_dir`."""
-    import fnmatch
-
     gdir = Path(golden_dir) if golden_dir is not None else default_golden_dir()
     entries = golden.load_manifest(gdir)["cases"]
     if filter is not None:
-        pats = [p.strip() for p in filter.split(",") if p.strip()]
-        entries = [e for e in entries if any(fnmatch.fnmatchcase(e["id"], p) for p in pats)]
+        entries = [e for e in entries if isinstance(e, dict) and golden.id_matches(e.get("id"), filter)]
     return [GoldenCase(gdir, e) for e in entries]
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import golden
+from .golden import select_entries
 from .errors import RefattnError
 from .mask import Mask
 
@@ -332,14 +333,7 @@ def verify(impl: Impl, golden_dir="golden", dtype: str = "float32", expr: str | 
         raise RefattnError(f"--layout must be one of {LAYOUTS}, got {layout!r}")
     if framework not in FRAMEWORKS:
         raise RefattnError(f"--framework must be one of {FRAMEWORKS}, got {framework!r}")
-    manifest = golden.load_manifest(golden_dir)
-    entries = manifest["cases"]
-    if expr is not None:
-        import fnmatch
-        pats = [p.strip() for p in expr.split(",") if p.strip()]
-        entries = [e for e in entries if any(fnmatch.fnmatchcase(e["id"], p) for p in pats)]
-        if not entries:
-            raise RefattnError(f"--filter {expr!r} selects no case")
+    entries = select_entries(golden.load_manifest(golden_dir)["cases"], expr, str(golden_dir))
     results = []
     for i, entry in enumerate(entries):
         if progress is not None:
