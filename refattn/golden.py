@@ -378,7 +378,8 @@ def _problem(inputs: dict):
 
 
 def baselines(inputs: dict, gold: dict) -> dict[str, dict[str, float]]:
-    """Per low-precision dtype and tensor: ``max|x_naiveT - x_gold|`` (refattn.lowp)."""
+    """Per input dtype T and tensor: ``max|x_naiveT - x_gold|``, the error of plain
+    attention computed in T (`refattn.lowp`)."""
     from . import lowp
     from .contract import Grads
 
@@ -401,6 +402,7 @@ def allowed(base: dict[str, dict[str, float]], gold: dict) -> dict[str, dict[str
 
 
 def manifest_entry(case: Case, inputs: dict, gold: dict, agree: dict, data: bytes) -> dict:
+    """The case's entry in ``manifest.json`` (spec/golden-format.md); ``data`` is its file."""
     mask: Mask = inputs["mask"]
     bias = None
     if case.bias in ("dense", "dense_broadcast"):
