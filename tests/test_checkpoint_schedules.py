@@ -92,7 +92,7 @@ def _chain(n, d=5, seed=0):
 
 def _grads(layers, actions, x):
     dx, y, ledger = run(layers, actions, x, None, lambda y: 2 * y)
-    return [l.dW.tobytes() + l.db.tobytes() for l in layers] + [dx.tobytes(), y.tobytes()], ledger
+    return [layer.dW.tobytes() + layer.db.tobytes() for layer in layers] + [dx.tobytes(), y.tobytes()], ledger
 
 
 @pytest.mark.parametrize("spec", ["uniform:3", "sqrt", "binomial:1", "binomial:3", "binomial:20"])
@@ -102,7 +102,7 @@ def test_every_schedule_gives_the_same_bits(spec):
     layers, x = _chain(n)
     got, ledger = _grads(layers, parse_schedule(spec, n)[1], x)
     assert got == ref
-    assert ledger.forward_calls == [l.calls for l in layers]
+    assert ledger.forward_calls == [layer.calls for layer in layers]
 
 
 @pytest.mark.parametrize("n", [1, 6, 11, 32])
