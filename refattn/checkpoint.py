@@ -281,3 +281,60 @@ def _nbytes(obj) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(v) for v in obj)
     return 0
+
+
+# ---- comparing schedules on a model (refattn checkpoint) ----------------------------------------
+
+
+
+
+def expand_schedules(text: str, n: int) -> list[str]:
+    """``all`` or a comma-separated list of schedule specs, each checked."""
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    if specs == ["all"]:
+        specs = ["none", "selective", f"uniform:{max(1, n // 4)}", "sqrt", f"binomial:{min(4, n)}"]
+    for s in specs:
+        parse_schedule(s, n)
+    if not specs:
+        raise RefattnError("--schedule: no schedule given")
+    return specs
+
+
+@dataclass
+class ScheduleRow:
+    schedule: str
+    ledger_peak_bytes: int
+    traced_peak_bytes: int
+    forward_calls: int
+    extra_forwards: int
+    seconds: float
+    grads_equal_none: bool | None
+    digest: str = field(repr=False, default="")
+
+
+def measure(stack, x, ctx, spec: str, dloss) -> tuple[ScheduleRow, list]:
+    """Forward and backward of ``stack`` under schedule ``spec``: the row of the table and
+    the gradients (parameters, then the input's)."""
+    import hashlib
+    import time
+    import tracemalloc
+
+    n = len(stack.blocks)
+    name, actions = parse_schedule(spec, n)
+    save = "selective" if name == "selective" else "all"
+    stack.zero_grad()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    t0 = time.perf_counter()
+    dx, _, ledger = run(stack.blocks, actions, x, ctx, dloss, save=save)
+    seconds = time.perf_counter() - t0
+    _, traced = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    grads = [g.copy() for _, g in stack.grads()] + [dx]
+    h = hashlib.sha256()
+    for g in grads:
+        h.update(g.tobytes())
+    counts = validate(actions, n)
+    row = ScheduleRow(spec, ledger.peak, traced, sum(ledger.forward_calls), counts["advance"], seconds, None,
+                      h.hexdigest())
+    return row, grads
