@@ -360,6 +360,88 @@ def cmd_verify(args) -> int:
     return 0 if count["pass"] and not (count["fail"] or count["error"]) else 1
 
 
+# ---- refattn checkpoint -----------------------------------------------------------------------
+def add_checkpoint(sub) -> None:
+    p = sub.add_parser("checkpoint", help="compare checkpoint schedules on a transformer stack",
+                       description="Run forward and backward of a pre-LN transformer stack under each "
+                       "schedule (spec/checkpointing.md) and print: peak saved activations from the "
+                       "ledger, peak traced allocation, forward calls, extra forward steps, wall time, "
+                       "and whether the gradients equal those of `none` bit for bit.")
+    p.add_argument("--layers", type=_positive_int, default=8, help="number of blocks (default 8)")
+    p.add_argument("--seq", type=_positive_int, default=256, help="sequence length n (default 256)")
+    p.add_argument("--dim", type=_positive_int, default=64, help="model width d_model (default 64)")
+    p.add_argument("--heads", type=_positive_int, default=4, help="query heads (default 4)")
+    p.add_argument("--kv-heads", type=_positive_int, default=None, help="kv heads (default: --heads)")
+    p.add_argument("--ff", type=_positive_int, default=None, help="MLP width (default 4 * --dim)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--pattern", default="sliding_window", help="attention pattern (default sliding_window)")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="a pattern parameter (default for sliding_window: left=32, right=0)")
+    p.add_argument("--backend", default="cpu", help="attention backend (default cpu)")
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                   help="model and compute dtype (default float64)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout probability (default 0.1)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="weights, inputs and dropout seed")
+    p.add_argument("--schedule", default="all",
+                   help="none, uniform:K, sqrt, binomial:S, selective, a comma-separated list, or all")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON")
+
+
+def cmd_checkpoint(args) -> int:
+    from . import checkpoint, model
+
+    if not 0 <= args.dropout < 1:
+        raise RefattnError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.dim % args.heads:
+        raise RefattnError(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
+    params = dict(args.param)
+    if args.pattern == "sliding_window" and not params:
+        params = {"left": 32, "right": 0}
+    pattern = patterns.get(args.pattern, **params)
+    schedules = checkpoint.expand_schedules(args.schedule, args.layers)
+    dt = np.dtype(args.dtype)
+    stack = model.Stack(args.layers, args.dim, args.heads, args.kv_heads or args.heads, args.ff or 4 * args.dim,
+                        pattern=pattern, backend=args.backend, compute_dtype=dt, dropout=args.dropout,
+                        seed=args.seed, dtype=dt)
+    rng = np.random.default_rng(args.seed)
+    x = rng.standard_normal((args.batch, args.seq, args.dim)).astype(dt)
+    target = rng.standard_normal(x.shape).astype(dt)
+    ctx = model.Context(seed=args.seed, call=0, train=True)
+
+    def dloss(y):  # loss = sum(y * target): its gradient is the fixed target
+        return target
+
+    checkpoint.measure(stack, x, ctx, "none", dloss)        # warm-up: compiled kernels, first allocations
+    rows, reference = [], None
+    for spec in ["none"] + [s for s in schedules if s != "none"]:
+        row, grads = checkpoint.measure(stack, x, ctx, spec, dloss)
+        if reference is None:
+            reference = grads
+        row.grads_equal_none = all(a.tobytes() == b.tobytes() for a, b in zip(grads, reference))
+        if spec in schedules:
+            rows.append(row)
+            print(f"  {spec}: {row.seconds:.2f} s", file=sys.stderr, flush=True)
+    mb = 2 ** 20
+    headers = ["schedule", "ledger peak MB", "traced peak MB", "forward calls", "extra forwards", "time s",
+               "grads == none"]
+    table = [[r.schedule, f"{r.ledger_peak_bytes / mb:.1f}", f"{r.traced_peak_bytes / mb:.1f}",
+              str(r.forward_calls), str(r.extra_forwards), f"{r.seconds:.2f}",
+              "yes" if r.grads_equal_none else "NO"] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
+    print(f"refattn checkpoint: {args.layers} layers, n = {args.seq}, d_model = {args.dim}, heads = {args.heads}/"
+          f"{args.kv_heads or args.heads}, pattern = {pattern.to_dict()}, backend = {args.backend}, {args.dtype}, "
+          f"dropout = {args.dropout}")
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    for row in table:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    if args.json:
+        import dataclasses as dc
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                       "rows": [dc.asdict(r) for r in rows]}, f, indent=1, default=str)
+    return 0 if all(r.grads_equal_none for r in rows) else 1
+
+
 # ---- refattn bench ------------------------------------------------------------------------
 BENCH_TARGETS = ["cpu", "cuda"]
 
@@ -387,7 +469,7 @@ def cmd_bench(args) -> int:
 
 COMMANDS = [("run", add_run, cmd_run), ("patterns", add_patterns, cmd_patterns),
             ("show", add_show, cmd_show), ("golden", add_golden, cmd_golden), ("verify", add_verify, cmd_verify),
-            ("bench", add_bench, cmd_bench)]
+            ("checkpoint", add_checkpoint, cmd_checkpoint), ("bench", add_bench, cmd_bench)]
 
 
 def build_parser() -> argparse.ArgumentParser:
