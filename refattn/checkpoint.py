@@ -232,14 +232,17 @@ class Ledger:
 
 
 def run(layers, actions: list[Action], x, ctx, dloss, *, save: str = "all", nbytes=None):
-    """Execute ``actions`` on ``layers``: returns ``(loss_grad_input dx, y, ledger)``.
+    """Execute ``actions`` on ``layers``: returns ``(dx, y, ledger)``, the gradient at the
+    stack's input, the stack's output and the ledger.
 
     ``dloss(y) -> dy`` gives the gradient of the loss at the stack's output. ``save`` is
     passed to each layer's forward ("all", or "selective"). ``nbytes(obj)`` counts the
-    bytes of a saved dict or an array (default: the ``nbytes`` of every array in it)."""
+    bytes of a saved dict or an array (default `refattn.model.saved_bytes`)."""
     n = len(layers)
     validate(actions, n)
-    size = nbytes or _nbytes
+    from .model import saved_bytes
+
+    size = nbytes or saved_bytes
     ledger = Ledger(forward_calls=[0] * n)
     kept, taped = {}, {}
     state, y, dy = x, None, None
@@ -271,16 +274,6 @@ def run(layers, actions: list[Action], x, ctx, dloss, *, save: str = "all", nbyt
             ledger.remove(size(saved))
         ledger.mark()
     return dy, y, ledger
-
-
-def _nbytes(obj) -> int:
-    if hasattr(obj, "nbytes"):
-        return int(obj.nbytes)
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
 
 
 # ---- comparing schedules on a model (refattn checkpoint) ----------------------------------------
