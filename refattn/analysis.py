@@ -190,6 +190,44 @@ def hops(mask: Mask, src: int, dst: int, *, b: int = 0, h: int = 0) -> int | flo
     return _bfs_hops(_edges(csr), src, dst)
 
 
+def path(mask: Mask, src: int, dst: int, *, b: int = 0, h: int = 0) -> list[int] | None:
+    """A shortest chain of positions through which key ``src`` reaches query ``dst``:
+    ``[src, t_1, ..., dst]`` with ``hops(mask, src, dst) + 1`` entries, where layer ``k``
+    lets query ``t_k`` read key ``t_{k-1}``; ``[src]`` when ``src == dst``; None when
+    ``dst`` is unreachable.
+
+    Of the shortest chains it returns the one whose positions are smallest, from ``dst``
+    back: each position's predecessor is the smallest position of the previous layer's
+    frontier that it reads. O(n + nnz), like `hops`.
+    """
+    csr = _square_group(mask, b, h, "path")
+    n = csr.shape[0]
+    src = _check_position(src, "src", n, "path")
+    dst = _check_position(dst, "dst", n, "path")
+    edges = _edges(csr)
+    parent = np.full(n, -1, dtype=np.int64)
+    reached = np.zeros(n, dtype=bool)
+    reached[src] = True
+    frontier = np.array([src], dtype=np.int64)
+    while frontier.size and not reached[dst]:
+        frontier = np.sort(frontier)
+        new = _successors(edges, frontier)
+        rows = np.repeat(frontier, np.diff(edges.indptr)[frontier])   # the frontier position each came from
+        fresh = ~reached[new]
+        new, rows = new[fresh], rows[fresh]
+        # the first occurrence of each new position comes from the smallest frontier position
+        first_new, first = np.unique(new, return_index=True)
+        parent[first_new] = rows[first]
+        reached[first_new] = True
+        frontier = first_new
+    if not reached[dst]:
+        return None
+    chain = [dst]
+    while chain[-1] != src:
+        chain.append(int(parent[chain[-1]]))
+    return chain[::-1]
+
+
 def diameter(mask: Mask, *, pairs: str = "all", b: int = 0, h: int = 0) -> int | float:
     """The worst `hops` over a set of ordered pairs ``(src, dst)``; ``math.inf`` if any of
     them is unreachable.

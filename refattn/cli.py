@@ -25,6 +25,7 @@ from .alignment import ALIGNMENTS, DEFAULT_ALIGN
 from .attention import backward, forward
 from .draw import draw, write_png
 from .errors import RefattnError
+from .mask import Mask
 
 DTYPES = {
     "float16": np.dtype(np.float16),
@@ -221,6 +222,53 @@ def cmd_show(args) -> int:
     if args.png:
         width, height = write_png(m, args.png, h=args.head)
         print(f"wrote {args.png} ({width} x {height} pixels)")
+    return 0
+
+
+# ---- refattn paths -----------------------------------------------------------------------------
+def add_paths(sub) -> None:
+    p = sub.add_parser("paths", help="how information travels across stacked layers of a pattern",
+                       description="For a pattern's n x n mask used by every layer of a stack: whether "
+                       "query --to reads key --from directly, the fewest layers through which it "
+                       "reaches it, and a shortest chain of positions (spec/analysis.md). With --layers "
+                       "K, also the reachability matrix after K layers.")
+    p.add_argument("--pattern", required=True, help="pattern name (see `refattn patterns`)")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="a pattern parameter; repeat for several")
+    p.add_argument("--n", type=_positive_int, default=16, help="sequence length (default 16)")
+    p.add_argument("--from", dest="src", type=_nonnegative_int, required=True, help="the key position")
+    p.add_argument("--to", dest="dst", type=_nonnegative_int, required=True, help="the query position")
+    p.add_argument("--layers", type=_nonnegative_int, default=None,
+                   help="also print which keys reach which queries through exactly this many layers")
+    p.add_argument("--heads", type=_positive_int, default=None, help="number of heads, for per-head patterns")
+    p.add_argument("--head", type=_nonnegative_int, default=0, help="which head (default 0)")
+    p.add_argument("--max-size", type=_positive_int, default=64, help="largest picture side (default 64)")
+
+
+def cmd_paths(args) -> int:
+    pat = patterns.get(args.pattern, **dict(args.param))
+    m = pat.mask(args.n, args.n, heads=args.heads)
+    if args.head >= m.group_shape[1]:
+        raise RefattnError(f"--head {args.head} is out of range: this mask has {m.group_shape[1]} head(s)")
+    src, dst, h = args.src, args.dst, args.head
+    chain = analysis.path(m, src, dst, h=h)
+    direct = bool(m.group(0, h)[[dst], [src]][0])
+    print(f"{json.dumps(pat.to_dict())}  n={args.n}" + (f" head={h}" if m.group_shape[1] > 1 else ""))
+    print(f"query {dst} reads key {src} directly: {'yes' if direct else 'no'}")
+    if chain is None:
+        print(f"key {src} never reaches query {dst}, through any number of layers")
+    else:
+        k = len(chain) - 1
+        print(f"fewest layers from key {src} to query {dst}: {k}")
+        if k:
+            print("a shortest chain: " + " -> ".join(map(str, chain)))
+            for layer, (a, b) in enumerate(zip(chain, chain[1:]), start=1):
+                print(f"  layer {layer}: query {b} reads key {a}")
+    if args.layers is not None:
+        reach = analysis.reachability(m, args.layers, h=h)
+        print(f"\nreachability after exactly {args.layers} layer(s) (row: query, column: key; "
+              f"{int(reach.nnz)} of {args.n * args.n} pairs):")
+        print(draw(Mask.from_csr(reach), max_size=args.max_size))
     return 0
 
 
@@ -468,8 +516,9 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = [("run", add_run, cmd_run), ("patterns", add_patterns, cmd_patterns),
-            ("show", add_show, cmd_show), ("golden", add_golden, cmd_golden), ("verify", add_verify, cmd_verify),
-            ("checkpoint", add_checkpoint, cmd_checkpoint), ("bench", add_bench, cmd_bench)]
+            ("show", add_show, cmd_show), ("paths", add_paths, cmd_paths), ("golden", add_golden, cmd_golden),
+            ("verify", add_verify, cmd_verify), ("checkpoint", add_checkpoint, cmd_checkpoint),
+            ("bench", add_bench, cmd_bench)]
 
 
 def build_parser() -> argparse.ArgumentParser:

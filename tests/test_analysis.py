@@ -298,3 +298,72 @@ def test_non_masks_are_rejected(fn):
 def test_public_names():
     assert set(analysis.__all__) == {"PAIRS", "MaskStats", "diameter", "hops", "reachability", "stats"}
     assert analysis.PAIRS == ("all", "causal")
+
+
+# ---- path ----------------------------------------------------------------------------------
+
+def brute_path(dense, src, dst):
+    """A plain BFS from src, layer by layer; each new position's predecessor is the smallest
+    position of the previous layer that it reads (dense[new, prev])."""
+    n = dense.shape[0]
+    parent = {src: None}
+    frontier = [src]
+    while frontier and dst not in parent:
+        nxt = []
+        for t in range(n):
+            if t in parent:
+                continue
+            readers = [f for f in sorted(frontier) if dense[t, f]]
+            if readers:
+                parent[t] = readers[0]
+                nxt.append(t)
+        frontier = nxt
+    if dst not in parent:
+        return None
+    chain = [dst]
+    while parent[chain[-1]] is not None:
+        chain.append(parent[chain[-1]])
+    return chain[::-1]
+
+
+@PROPS
+@given(bool_matrices(max_lq=7, square=True))
+def test_path_is_the_brute_force_chain(dense):
+    m = Mask.from_dense(dense)
+    n = dense.shape[0]
+    for src in range(n):
+        for dst in range(n):
+            got = analysis.path(m, src, dst)
+            assert got == brute_path(dense, src, dst), (src, dst)
+            if got is None:
+                assert hops(m, src, dst) == math.inf
+            else:
+                assert len(got) == hops(m, src, dst) + 1 and got[0] == src and got[-1] == dst
+                assert all(dense[b, a] for a, b in zip(got, got[1:]))
+
+
+def test_path_example_and_errors():
+    w = patterns.SlidingWindow(2, 0).mask(12, 12)
+    assert analysis.path(w, 3, 7) == [3, 5, 7]
+    assert analysis.path(w, 11, 0) is None
+    with pytest.raises(RefattnError, match="path: dst"):
+        analysis.path(w, 0, 12)
+    with pytest.raises(RefattnError, match="path"):
+        analysis.path(patterns.get("causal").mask(3, 4), 0, 1)
+
+
+def test_refattn_paths_command(capsys):
+    from refattn.cli import main
+    assert main(["paths", "--pattern", "sliding_window", "--param", "left=2", "--param", "right=0", "--n", "12",
+                 "--from", "3", "--to", "7", "--layers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "query 7 reads key 3 directly: no" in out
+    assert "fewest layers from key 3 to query 7: 2" in out and "a shortest chain: 3 -> 5 -> 7" in out
+    assert "layer 1: query 5 reads key 3" in out and "layer 2: query 7 reads key 5" in out
+    grid = out.split("pairs):\n")[1].splitlines()[:12]
+    reach = analysis.reachability(patterns.SlidingWindow(2, 0).mask(12, 12), 2).toarray()
+    assert [[c == "#" for c in row] for row in grid] == reach.tolist()
+    assert main(["paths", "--pattern", "causal", "--n", "8", "--from", "5", "--to", "2"]) == 0
+    assert "never reaches query 2" in capsys.readouterr().out
+    assert main(["paths", "--pattern", "causal", "--n", "8", "--from", "9", "--to", "2"]) == 1
+    assert "path: src" in capsys.readouterr().err
