@@ -515,8 +515,21 @@ def cmd_bench(args) -> int:
     return harness.main(args.args, prog=f"refattn bench {args.target}")
 
 
+def add_explain(sub) -> None:
+    from .explain import add_explain as add
+
+    add(sub)
+
+
+def cmd_explain(args) -> int:
+    from .explain import cmd_explain as run
+
+    return run(args)
+
+
 COMMANDS = [("run", add_run, cmd_run), ("patterns", add_patterns, cmd_patterns),
-            ("show", add_show, cmd_show), ("paths", add_paths, cmd_paths), ("golden", add_golden, cmd_golden),
+            ("show", add_show, cmd_show), ("paths", add_paths, cmd_paths), ("explain", add_explain, cmd_explain),
+            ("golden", add_golden, cmd_golden),
             ("verify", add_verify, cmd_verify), ("checkpoint", add_checkpoint, cmd_checkpoint),
             ("bench", add_bench, cmd_bench)]
 

@@ -11,6 +11,7 @@ it. Per query block, the forward keeps the running row max ``m``, the running su
 query blocks whose tile is non-empty (the transposed layout), recomputing
 ``P = exp(S - L)`` per tile. This module shares no code with the other backends.
 """
+# ruff: noqa: E741  (I, J, l, O: the notation of the paper and the spec)
 
 from __future__ import annotations
 
@@ -146,8 +147,9 @@ def _tilings(p: Problem, config):
     return lambda b, h: _Tiling(p.mask.group(b, h), layout.group(b, h), bq, bk, p.lq, p.lk)
 
 
-def forward(p: Problem, config) -> Result:
-    """FlashAttention-2, Algorithm 1, per (batch, head) and query block ``I``."""
+def forward(p: Problem, config, recorder=None) -> Result:
+    """FlashAttention-2, Algorithm 1, per (batch, head) and query block ``I``. A
+    ``recorder`` (`refattn.trace`) is shown each visited tile's state; it changes no number."""
     dt = np.dtype(config.compute_dtype)
     q, k, v = (x.astype(dt) for x in (p.q, p.k, p.v))
     O = np.zeros((p.batch, p.heads, p.lq, p.dim_v), dt)
@@ -157,7 +159,7 @@ def forward(p: Problem, config) -> Result:
         for h in range(p.heads):
             g = h // p.group_size
             terms = _Terms(p, b, h, dt)
-            for tiles in tiling(b, h).by_query_block:
+            for I, tiles in enumerate(tiling(b, h).by_query_block):
                 if not tiles:
                     continue                                   # an empty query block: O = 0, L = -inf
                 rows = tiles[0][1].rows
@@ -178,6 +180,8 @@ def forward(p: Problem, config) -> Result:
                     Zs = terms.dropout_scale(tile)
                     PV = (P_tilde if Zs is None else P_tilde * Zs) @ Vj
                     Oi = alpha[:, None] * Oi + PV              # O = diag(e^(m_old - m_new)) O + P~ V
+                    if recorder is not None:
+                        recorder.forward_tile(b, h, I, J, tile.full, tile.rows, tile.cols, S, mi, m_new, alpha, li, Oi)
                     mi = m_new
                 nonempty = li > 0
                 O[b, h, rows] = np.where(nonempty[:, None], Oi / np.where(nonempty, li, 1)[:, None], 0)
@@ -185,8 +189,9 @@ def forward(p: Problem, config) -> Result:
     return Result(O, L)
 
 
-def backward(p: Problem, out, lse, dout, dlse, config) -> Grads:
-    """FlashAttention-2, Algorithm 2: key blocks outside, their query blocks inside."""
+def backward(p: Problem, out, lse, dout, dlse, config, recorder=None) -> Grads:
+    """FlashAttention-2, Algorithm 2: key blocks outside, their query blocks inside. A
+    ``recorder`` (`refattn.trace`) is shown ``D`` and each visited tile's ``P``, ``dP``, ``dS``."""
     dt = np.dtype(config.compute_dtype)
     q, k, v = (x.astype(dt) for x in (p.q, p.k, p.v))
     out, lse, dout = (x.astype(dt) for x in (out, lse, dout))
@@ -194,13 +199,15 @@ def backward(p: Problem, out, lse, dout, dlse, config) -> Grads:
     dq, dk, dv = np.zeros(q.shape, dt), np.zeros(k.shape, dt), np.zeros(v.shape, dt)
     dbias = dbias_zeros(p, dt)
     D = np.sum(dout * out, axis=-1)                            # D = rowsum(dO * O)
+    if recorder is not None:
+        recorder.backward_rowsums(D)
     scale = dt.type(p.scale)
     tiling = _tilings(p, config)
     for b in range(p.batch):
         for h in range(p.heads):
             g = h // p.group_size
             terms = _Terms(p, b, h, dt)
-            for tiles in tiling(b, h).by_key_block:
+            for J, tiles in enumerate(tiling(b, h).by_key_block):
                 if not tiles:
                     continue
                 cols = tiles[0][1].cols
@@ -221,6 +228,8 @@ def backward(p: Problem, out, lse, dout, dlse, config) -> Grads:
                     dS = P * (dP - D[b, h, rows, None])        # dS = P * (dP - D_i)
                     if dlse is not None:
                         dS = dS + dlse[b, h, rows, None] * P
+                    if recorder is not None:
+                        recorder.backward_tile(b, h, I, J, tile.full, rows, cols, P, dP, dS)
                     _accumulate_dbias(p, dbias, dS, terms, tile)
                     if T is not None:
                         dS = dS * (1 - T * T)
