@@ -32,10 +32,12 @@ import dataclasses
 import gc
 import importlib.metadata
 import importlib.util
+import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -621,3 +623,23 @@ def progress_line(row: dict) -> str:
     parts += [f"{p} {res['ms']:.2f} ms" + ("" if res["agrees"] else " DISAGREES")
               if res.get("status") == "ok" else f"{p} -" for p, res in row["peers"].items()]
     return f"  {row['case']} n={row['n']} H={row['heads']} {row['dtype']} {row['mode']}: " + ", ".join(parts)
+
+
+def row_done(row: dict, doc: dict, json_path: str | None) -> None:
+    """After each measured row: its line on stderr, and the JSON document so far (a long
+    run that is stopped keeps what it measured)."""
+    print(progress_line(row), file=sys.stderr, flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=1)
+
+
+def finish_report(out, table_text: str, notes: list[str], doc: dict, json_path: str | None) -> None:
+    """The table, its footnotes, and the final JSON document."""
+    print(table_text, file=out)
+    print(file=out)
+    for note in notes:
+        print(note, file=out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=1)

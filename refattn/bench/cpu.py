@@ -24,7 +24,6 @@ head's mask; see `refattn.bench.useful_flops`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -35,7 +34,7 @@ import numpy as np
 
 from .. import backends, patterns
 from ..attention import backward, forward
-from . import (FLOP_CONVENTION, progress_line, MODES, PEERS, TOLERANCE, BenchMask, Rule, available_memory,
+from . import (FLOP_CONVENTION, MODES, PEERS, TOLERANCE, BenchMask, Rule, available_memory, finish_report, row_done,
                compare, dependency_missing, format_table, free_memory, gflops, installed_peers, machine_info,
                machine_line, refattn_route, roofline, setup_torch, time_calls, useful_flops)
 
@@ -418,23 +417,15 @@ def main(argv=None, prog: str | None = None) -> int:
            "rows": runner.rows, "flex_first_call": runner.flex_first}
 
     def emit(row):
-        print(progress_line(row), file=sys.stderr, flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(doc, f, indent=1)
+        row_done(row, doc, args.json)
 
     for name in args.cases:
         case = CASES[name]
         for n in args.sizes or case.sizes:
             runner.run_case(case, n, emit)
 
-    print(table(runner.rows, args.peers, args.markdown), file=out)
-    print(file=out)
-    for note in footnotes(runner.rows, args.peers, runner):
-        print(note, file=out)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+    finish_report(out, table(runner.rows, args.peers, args.markdown), footnotes(runner.rows, args.peers, runner),
+                  doc, args.json)
     return 0
 
 

@@ -36,7 +36,6 @@ import argparse
 import gc
 import importlib.metadata
 import importlib.util
-import json
 import math
 import platform
 import sys
@@ -51,7 +50,8 @@ from .. import __version__, backends
 from ..attention import backward, forward
 from ..errors import RefattnError
 from . import (FLOP_CONVENTION, MODES, TOLERANCE, BenchMask, Outputs, Timing, compare, compiled_flex, cpu_model,
-               format_table, free_memory, gflops, progress_line, setup_torch, torch_missing, useful_flops)
+               finish_report, format_table, free_memory, gflops, row_done, setup_torch, torch_missing,
+               useful_flops)
 from .cpu import WINDOW, Case, _choices, _fmt_ms, _ints, _positive_float, _short_error, causal_rule, window_rule
 
 #: The sequence lengths of the issue: n in {4k, 16k, 64k}.
@@ -759,22 +759,14 @@ def main(argv=None, prog: str | None = None) -> int:
            "args": dict(vars(args)), "rows": runner.rows}
 
     def emit(row):
-        print(progress_line(row), file=sys.stderr, flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(doc, f, indent=1)
+        row_done(row, doc, args.json)
 
     for name in args.cases:
         for n in args.sizes:
             runner.run_case(CASES[name], n, emit)
 
-    print(table(runner.rows, args.peers, args.markdown), file=out)
-    print(file=out)
-    for note in footnotes(runner.rows, args.peers, peak):
-        print(note, file=out)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+    finish_report(out, table(runner.rows, args.peers, args.markdown), footnotes(runner.rows, args.peers, peak),
+                  doc, args.json)
     return 0
 
 
