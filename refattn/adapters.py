@@ -48,10 +48,7 @@ def _refattn_backend(name: str):
                  alibi_align=None, dropout_p=None, dropout_keep=None, dlse=None):
         kw = call_kwargs(q, scale, softcap, bias, alibi_slopes, alibi_align, dropout_p, dropout_keep, mask)
         g = _backward(q, k, v, out, lse, dout, mask, dlse=dlse, **kw)
-        dbias = g.dbias
-        if dbias is not None and bias is not None and np.shape(dbias) != np.shape(bias):
-            dbias = np.reshape(dbias, np.shape(bias))
-        return g.dq, g.dk, g.dv, dbias
+        return g.dq, g.dk, g.dv, g.dbias                       # dbias comes back in the bias's shape
 
     forward.mask_form = "csr"
     forward.backward = backward

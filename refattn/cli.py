@@ -272,6 +272,15 @@ def cmd_paths(args) -> int:
     return 0
 
 
+def _text_table(headers: list[str], rows: list[list], *, right: bool = False) -> str:
+    """Columns two spaces apart, each as wide as its widest cell; left-aligned (trailing
+    spaces dropped) or right-aligned."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    pad = (lambda c, w: c.rjust(w)) if right else (lambda c, w: c.ljust(w))
+    return "\n".join("  ".join(pad(c, w) for c, w in zip(line, widths)).rstrip() for line in [headers, *cells])
+
+
 # ---- refattn golden ---------------------------------------------------------------------------
 def _progress(stream=None):
     """A progress callback: a bar redrawn in place on a terminal, a line per case otherwise."""
@@ -324,12 +333,8 @@ def cmd_golden(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=1))
         else:
-            widths = {k: max(len(k), *(len(r[k]) for r in rows)) if rows else len(k) for k in rows[0]} if rows \
-                else {}
             if rows:
-                print("  ".join(k.ljust(widths[k]) for k in widths).rstrip())
-                for r in rows:
-                    print("  ".join(r[k].ljust(widths[k]) for k in widths).rstrip())
+                print(_text_table(list(rows[0]), [list(r.values()) for r in rows]))
             print(f"{len(rows)} case(s)")
         return 0
     if args.golden_command == "generate":
@@ -385,12 +390,9 @@ def cmd_verify(args) -> int:
                      _fmt(t.ratio) if t else "-", (r.message or (t.note if t else "")).splitlines()[0][:100]
                      if (r.message or (t and t.note)) else ""])
     headers = ["case", "status", "tensor", "error", "allowed", "ratio", "note"]
-    widths = [max(len(h), *(len(str(row[i])) for row in rows)) for i, h in enumerate(headers)]
     print(f"{impl.name} ({args.dtype}, {args.layout}, {args.framework}) against {args.golden}/: "
           "the failing tensor, else the one nearest its bound")
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(_text_table(headers, rows))
     count = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "error", "unsupported")}
     print(f"{count['pass']} passed, {count['fail']} failed, {count['error']} errors, "
           f"{count['unsupported']} unsupported, of {len(results)} case(s)")
@@ -475,13 +477,10 @@ def cmd_checkpoint(args) -> int:
     table = [[r.schedule, f"{r.ledger_peak_bytes / mb:.1f}", f"{r.traced_peak_bytes / mb:.1f}",
               str(r.forward_calls), str(r.extra_forwards), f"{r.seconds:.2f}",
               "yes" if r.grads_equal_none else "NO"] for r in rows]
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
     print(f"refattn checkpoint: {args.layers} layers, n = {args.seq}, d_model = {args.dim}, heads = {args.heads}/"
           f"{args.kv_heads or args.heads}, pattern = {pattern.to_dict()}, backend = {args.backend}, {args.dtype}, "
           f"dropout = {args.dropout}")
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-    for row in table:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    print(_text_table(headers, table, right=True))
     if args.json:
         import dataclasses as dc
         with open(args.json, "w") as f:
