@@ -72,9 +72,11 @@ def grid_values(rng: np.random.Generator, shape) -> np.ndarray:
     return np.clip(np.round(rng.standard_normal(shape) / GRID_STEP) * GRID_STEP, -GRID_MAX, GRID_MAX)
 
 
-def case_mask(case: Case) -> Mask:
+def case_mask(case: Case, q: np.ndarray, k: np.ndarray) -> Mask:
+    """The case's mask; a content-dependent pattern chooses it from the inputs ``q``, ``k``
+    (the file stores the realized mask, so other libraries need not recompute it)."""
     if case.pattern is not None:
-        return case.pattern.mask(case.Lq, case.Lk, heads=case.H)
+        return case.pattern.mask(case.Lq, case.Lk, heads=case.H, q=q, k=k)
     return case.explicit_mask(case.Lq, case.Lk, case.H, np.random.default_rng(case.seed + 1))
 
 
@@ -87,7 +89,7 @@ def make_inputs(case: Case) -> dict:
     k = grid_values(rng, (case.B, case.Hkv, case.Lk, case.D))
     v = grid_values(rng, (case.B, case.Hkv, case.Lk, case.Dv))
     dout = grid_values(rng, (case.B, case.H, case.Lq, case.Dv))
-    mask = case_mask(case)
+    mask = case_mask(case, q, k)
     inputs = {"q": q, "k": k, "v": v, "dout": dout, "mask": mask, "dlse": None,
               "scale": case.scale if case.scale is not None else 1.0 / np.sqrt(case.D),
               "softcap": case.softcap, "bias": None, "dropout": None}
@@ -281,7 +283,7 @@ def suite() -> list[Case]:
             continue
         seed += 1
         cases.append(Case(f"pattern-{name}", "pattern", p, 1, 2, 2, PATTERN_L, PATTERN_L, PATTERN_D,
-                          PATTERN_D, seed))
+                          PATTERN_D, seed, ("content",) if p.content_dependent else ()))
     window = patterns.get("sliding_window", left=7, right=3)
     causal = patterns.get("causal")
     causal_tl = patterns.get("causal", align="top_left")
@@ -304,6 +306,9 @@ def suite() -> list[Case]:
         ("sparse-bias", window, (1, 2, 2, L, L, D, D), ("sparse_bias",), {"bias": "sparse"}),
         ("dropout", window, (1, 2, 2, L, L, D, D), ("dropout",), {"dropout_p": 0.25}),
         ("dlse", window, (1, 2, 2, L, L, D, D), ("dlse",), {"dlse": True}),
+        ("content-gqa", patterns.get("nsa_select", block=4, top_n=3), (2, 4, 2, L, L, D, D),
+         ("content", "gqa"), {}),
+        ("content-rect", patterns.get("topk", k=5, base=causal), (1, 2, 2, 24, 56, D, D), ("content", "rect"), {}),
         ("everything", window, (2, 4, 2, L, L, D, 8), ("gqa", "softcap", "dense_bias", "dropout", "dlse"),
          {"softcap": 2.0, "bias": "dense", "dropout_p": 0.2, "dlse": True}),
     ]

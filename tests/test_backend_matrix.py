@@ -122,9 +122,9 @@ def run_case(backend, pattern_name, feature, shape, seed=0, options=None, batch=
     H, Hkv, build, with_dlse = FEATURES[feature]
     B = batch
     rng = np.random.default_rng(seed)
-    mask = p.mask(Lq, Lk, heads=H)
     q = rng.standard_normal((B, H, Lq, D))
     k = rng.standard_normal((B, Hkv, Lk, D))
+    mask = p.mask(Lq, Lk, heads=H, q=q, k=k)      # content-dependent patterns choose from q, k
     v = rng.standard_normal((B, Hkv, Lk, Dv))
     kwargs = build(rng, mask, B, H, Lq, Lk)
     dout = rng.standard_normal((B, H, Lq, Dv))

@@ -89,7 +89,7 @@ def test_committed_suite_equals_a_fresh_generation(tmp_path):
 
 def test_manifest_lists_the_whole_suite():
     assert [e["id"] for e in ENTRIES] == list(SUITE)
-    assert len(ENTRIES) == 47
+    assert len(ENTRIES) == 54
     assert sorted(p.name for p in (GOLDEN / "cases").iterdir()) == sorted(f"{e['id']}.npz" for e in ENTRIES)
 
 
@@ -98,7 +98,7 @@ def test_manifest_lists_the_whole_suite():
 def test_check_passes_on_the_committed_suite(capsys):
     rc, out, err = run_cli(capsys, "golden", "check", GOLDEN)
     assert rc == 0, out + err
-    assert "47 of 47 case(s) pass; the suite is intact" in out
+    assert "54 of 54 case(s) pass; the suite is intact" in out
     assert "FAIL" not in out
 
 
@@ -205,7 +205,7 @@ def test_check_missing_file_in_a_full_check(capsys, suite_copy):
     (suite_copy / "cases" / "feature-softcap.npz").unlink()
     out, _ = _check_fails(capsys, suite_copy)
     assert "FAIL feature-softcap: cannot read" in out
-    assert "46 of 47 case(s) pass" in out and "intact" not in out
+    assert "53 of 54 case(s) pass" in out and "intact" not in out
 
 
 @pytest.mark.parametrize("version", [2, 0, "1", None])
@@ -287,7 +287,7 @@ def test_every_pattern_has_a_case():
 
 def test_every_spec_feature_has_a_case():
     features = _spec_features()
-    assert len(features) == 13 and "gqa" in features and "decode" in features
+    assert len(features) == 14 and "gqa" in features and "content" in features
     used = {f for e in ENTRIES for f in e["features"]}
     assert set(features) <= used, set(features) - used
     assert used <= set(features), used - set(features)
@@ -311,6 +311,7 @@ def test_features_describe_the_cases():
         assert ("dropout" in f) == (e["dropout_p"] is not None), e["id"]
         assert ("dlse" in f) == bool(e["dlse"]), e["id"]
         assert ("empty_rows" not in f) or e["mask"]["empty_rows"] > 0, e["id"]
+        assert ("content" in f) == (bool(pat) and patterns.from_dict(pat).content_dependent), e["id"]
 
 
 def test_empty_rows_feature_marks_every_case_with_empty_rows():
@@ -474,10 +475,10 @@ def test_mask_arrays_rebuild_the_cases_mask(arrays):
         a = arrays[e["id"]]
         got = _mask_from_arrays(e, a)
         s = e["shape"]
-        if e["pattern"] is not None:
-            m = patterns.from_dict(e["pattern"]).mask(s["Lq"], s["Lk"], heads=s["H"])
+        if e["pattern"] is not None:       # content-dependent patterns choose from the stored q, k
+            m = patterns.from_dict(e["pattern"]).mask(s["Lq"], s["Lk"], heads=s["H"], q=a["q"], k=a["k"])
         else:
-            m = golden.case_mask(SUITE[e["id"]])
+            m = golden.case_mask(SUITE[e["id"]], a["q"], a["k"])
         assert m.group_shape == tuple(e["mask"]["groups"]), e["id"]
         assert np.array_equal(got, m.to_dense().reshape(got.shape)), e["id"]
         empty = sum(int((m.row_counts(b, h) == 0).sum()) for b in range(s["B"]) for h in range(s["H"]))

@@ -20,17 +20,20 @@ def test_every_registered_pattern_has_an_example():
 
 
 @pytest.mark.parametrize("name", patterns.names())
-def test_examples_build_at_many_shapes(name):
+def test_examples_build_at_many_shapes(name, rng):
     for lq, lk in SHAPES:
         p = example(name, lq, lk)
+        q, k = rng.standard_normal((1, 2, lq, 4)), rng.standard_normal((1, 2, lk, 4))
         if p is None:
             assert lq != lk or name in ("neighborhood_2d", "deepspeed_fixed", "deepspeed_variable",
                                         "deepspeed_bigbird", "deepspeed_bslongformer")
             continue
-        m = p.mask(lq, lk, heads=2)
+        m = p.mask(lq, lk, heads=2, q=q, k=k)
         assert m.matrix_shape == (lq, lk)
         assert patterns.from_dict(p.to_dict()) == p
-        assert p.mask(lq, lk, heads=2) == m                     # deterministic
+        assert p.mask(lq, lk, heads=2, q=q, k=k) == m           # deterministic
+        if not p.content_dependent:                             # the inputs' values are unused
+            assert p.mask(lq, lk, heads=2) == m
 
 
 @pytest.mark.parametrize("name", patterns.names())
@@ -40,7 +43,7 @@ def test_forward_through_the_oracle(name, rng):
     L = 16
     p = example(name, L, L)
     q, k, v = (rng.standard_normal((1, 2, L, 4)) for _ in range(3))
-    m = p.mask(L, L, heads=2)
+    m = p.mask(L, L, heads=2, q=q, k=k)
     a = refattn.forward(q, k, v, m)
     dense = m.to_dense()
     b = refattn.forward(q, k, v, Mask.stack([[Mask.from_dense(d) for d in dense.reshape(-1, L, L)]]))

@@ -58,9 +58,9 @@ def verdicts(fn, expr=None, dtype="float32", layout="bhsd") -> dict[str, verify.
 # ---- refattn's own backends pass ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend, dtype, expr, n", [
-    ("cpu", "float32", None, 47),
-    ("tiled", "float32", "pattern-*", 25),
-    ("dense", "float64", None, 47),
+    ("cpu", "float32", None, 54),
+    ("tiled", "float32", "pattern-*", 30),
+    ("dense", "float64", None, 54),
 ])
 def test_refattn_backends_pass(capsys, backend, dtype, expr, n):
     argv = ["--dtype", dtype] + (["--filter", expr] if expr else [])
@@ -208,7 +208,7 @@ def test_raising_unsupported_is_unsupported(capsys):
 def test_nothing_passed_is_exit_1(capsys):
     rc, out, _ = run_verify(capsys, f"{BROKEN}:always_unsupported", "--filter", "pattern-*")
     assert rc == 1
-    assert summary(out) == (0, 0, 0, 25, 25)
+    assert summary(out) == (0, 0, 0, 30, 30)
 
 
 def test_other_exceptions_are_errors(capsys):
@@ -310,7 +310,7 @@ def test_sdpa_passes_every_supported_case(capsys, tmp_path, dtype):
     assert {c for c, v in cases.items() if v["status"] == "pass"} == set(ALL) - SDPA_UNSUPPORTED
     lse = [t for c in cases.values() for t in c["tensors"] if t["name"] == "lse"]
     assert lse and all(t["note"] == "not provided" for t in lse)     # SDPA gives no LSE
-    assert summary(out) == (41, 0, 0, 6, 47)
+    assert summary(out) == (48, 0, 0, 6, 54)
 
 
 @pytest.mark.oracle
@@ -335,7 +335,7 @@ def test_my_kernel(case):
 
 def test_golden_cases_selection():
     cases = golden_cases(filter="pattern-*")
-    assert [str(c) for c in cases] == [c for c in ALL if c.startswith("pattern-")] and len(cases) == 25
+    assert [str(c) for c in cases] == [c for c in ALL if c.startswith("pattern-")] and len(cases) == 30
     assert [c.id for c in golden_cases()] == ALL
     assert [c.id for c in golden_cases(filter="feature-gqa,shape-l1", golden_dir=GOLDEN)] == ["feature-gqa", "shape-l1"]
     assert cases[0].arrays()["q"].shape == tuple(cases[0].entry["shape"][k] for k in ("B", "H", "Lq", "D"))

@@ -2,12 +2,15 @@
 
 ``patterns.get(name, **params).mask(lq, lk)`` or ``patterns.SlidingWindow(...).mask(lq, lk)``;
 ``patterns.names()`` lists the registry; ``p | q``, ``p & q``, ``p - q`` combine patterns,
-and ``to_dict()`` / ``from_dict()`` serialize any of them. Rules: spec/patterns.md.
+and ``to_dict()`` / ``from_dict()`` serialize any of them. Content-dependent patterns (`Lsh`,
+`Routing`, `TopK`, `NsaSelect`, `Moba`) take the inputs: ``.mask(lq, lk, q=q, k=k)``.
+Rules: spec/patterns.md.
 """
 
 from .base import Difference, Intersection, Pattern, Union, from_dict, get, names, register
 from .basic import Causal, Dense
 from .block_sparse import BlockSparse
+from .content import Lsh, Moba, NsaSelect, Routing, TopK, nsa_compress, nsa_compressed_mask
 from .deepspeed import DeepSpeedBigBird, DeepSpeedBSLongformer, DeepSpeedFixed, DeepSpeedVariable
 from .global_tokens import GlobalTokens
 from .longformer import Longformer
@@ -19,7 +22,8 @@ from .windows import ChunkedCausal, DilatedSlidingWindow, Document, PrefixLM, Si
 __all__ = [
     "BigBird", "BlockSparse", "Causal", "ChunkedCausal", "DeepSpeedBigBird", "DeepSpeedBSLongformer",
     "DeepSpeedFixed", "DeepSpeedVariable", "Dense", "Difference", "DilatedSlidingWindow", "Document",
-    "Fixed", "GlobalTokens", "Intersection", "Longformer", "Neighborhood2D", "Pattern", "PrefixLM", "Random",
-    "SinkWindow", "SlidingWindow", "Strided", "StridedDilated", "StridedLocal", "Union",
-    "from_dict", "get", "names", "register",
+    "Fixed", "GlobalTokens", "Intersection", "Longformer", "Lsh", "Moba", "Neighborhood2D", "NsaSelect",
+    "Pattern", "PrefixLM", "Random", "Routing", "SinkWindow", "SlidingWindow", "Strided", "StridedDilated",
+    "StridedLocal", "TopK", "Union", "from_dict", "get", "names", "nsa_compress", "nsa_compressed_mask",
+    "register",
 ]

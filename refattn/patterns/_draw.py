@@ -36,15 +36,15 @@ def _below(seed, head, row, step, bound):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def draw_rows(seed, head, n, k, indptr, out):  # pragma: no cover - compiled
-    """For each row r, ``k[r]`` distinct positions out of ``0 .. n[r] - 1`` by Floyd's
-    algorithm, written sorted to ``out[indptr[r]:indptr[r + 1]]`` (``k[r] <= n[r]``)."""
+def draw_rows(seed, head, first_row, n, k, indptr, out):  # pragma: no cover - compiled
+    """For each row ``first_row + r``, ``k[r]`` distinct positions out of ``0 .. n[r] - 1``
+    by Floyd's algorithm, written sorted to ``out[indptr[r]:indptr[r + 1]]`` (``k[r] <= n[r]``)."""
     for r in range(n.shape[0]):
         p0 = indptr[r]
         m = 0
         for step in range(k[r]):
             top = n[r] - k[r] + step                    # draw t in [0, top]
-            t = _below(seed, head, np.uint64(r), np.uint64(step), top + 1)
+            t = _below(seed, head, np.uint64(first_row + r), np.uint64(step), top + 1)
             for q in range(p0, p0 + m):                 # already chosen: take `top` instead
                 if out[q] == t:
                     t = top
@@ -54,9 +54,10 @@ def draw_rows(seed, head, n, k, indptr, out):  # pragma: no cover - compiled
         out[p0:p0 + m].sort()
 
 
-def draw(seed: int, head: int, n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row r draws ``min(k[r], n[r])`` positions out of ``range(n[r])``; returns the CSR
-    ``(indptr, positions)`` (int64, each row sorted)."""
+def draw(seed: int, head: int, n: np.ndarray, k: np.ndarray,
+         first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Row ``first_row + r`` draws ``min(k[r], n[r])`` positions out of ``range(n[r])``;
+    returns the CSR ``(indptr, positions)`` (int64, each row sorted)."""
     n = np.asarray(n, np.int64)
     k = np.minimum(np.asarray(k, np.int64), n)
     if n.size and n.max() > 2**32:
@@ -64,5 +65,24 @@ def draw(seed: int, head: int, n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray
     indptr = np.zeros(n.size + 1, np.int64)
     np.cumsum(k, out=indptr[1:])
     out = np.empty(int(indptr[-1]), np.int64)
-    draw_rows(np.uint64(seed), np.uint64(head), n, k, indptr, out)
+    draw_rows(np.uint64(seed), np.uint64(head), np.uint64(first_row), n, k, indptr, out)
     return indptr, out
+
+
+@numba.njit(cache=True, nogil=True)
+def _word_sums(seed, head, row, out):  # pragma: no cover - compiled
+    """``out[step]`` = the sum of the four 16-bit words of the hash of
+    ``(seed, head, row, step)``, minus their mean 131070, over 32768."""
+    w = np.uint64(0xFFFF)
+    for step in range(out.shape[0]):
+        u = splitmix64(splitmix64(splitmix64(splitmix64(seed) ^ head) ^ row) ^ np.uint64(step))
+        s = (u & w) + ((u >> np.uint64(16)) & w) + ((u >> np.uint64(32)) & w) + (u >> np.uint64(48))
+        out[step] = (np.float64(s) - 131070.0) / 32768.0
+
+
+def hash_normals(seed: int, head: int, row: int, count: int) -> np.ndarray:
+    """``count`` near-Gaussian values, exact in float64, from the hashes of
+    ``(seed, head, row, step)``, ``step = 0 .. count - 1`` (spec/patterns.md, `lsh`)."""
+    out = np.empty(count, np.float64)
+    _word_sums(np.uint64(seed), np.uint64(head), np.uint64(row), out)
+    return out

@@ -26,7 +26,7 @@ class Pattern:
 
     name: ClassVar[str] = ""
 
-    def mask(self, lq: int, lk: int, *, heads: int | None = None) -> Mask:
+    def mask(self, lq: int, lk: int, *, heads: int | None = None, q=None, k=None) -> Mask:
         """The pattern's `Mask` for ``lq`` queries and ``lk`` keys.
 
         ``heads``: the number of query heads. A pattern that is the same for every head
@@ -34,10 +34,36 @@ class Pattern:
         that differs per head (per-head layouts, per-head random draws) returns a
         ``(1, heads, Lq, Lk)`` mask, and with ``heads=None`` its head-0 mask (2-D), or
         every head its parameters define (a 3-D ``block_sparse`` layout).
+
+        ``q``, ``k``: the queries ``(B, H, Lq, D)`` and keys ``(B, Hkv, Lk, D)`` (or one
+        head, ``(Lq, D)`` and ``(Lk, D)``). A content-dependent pattern (`lsh`, `routing`,
+        `topk`, `nsa_select`, `moba`) chooses its keys from them and returns a
+        ``(B, H, Lq, Lk)`` mask (2-D for one-head inputs); every other pattern checks
+        their lengths and ignores their values (spec/patterns.md, "Content-dependent
+        patterns"); with 4-D ``q`` and no ``heads``, ``heads`` is q's ``H``.
         """
         lq, lk = check_lengths(lq, lk)
         if heads is not None:
             heads = check_int(heads, "heads", 1)
+        inputs = None
+        if q is not None or k is not None:
+            from .content import Inputs     # content.py builds on this module
+            inputs = Inputs.check(q, k, lq, lk, heads, read_values=self.content_dependent)
+            if heads is None and not inputs.single:
+                heads = (q if q is not None else k).shape[1]     # per-head patterns: q's heads
+        elif self.content_dependent:
+            raise RefattnError(f"pattern {self.name!r} chooses keys from the inputs: "
+                               "pass q= and k= to mask()")
+        return self._mask(lq, lk, heads, inputs)
+
+    @property
+    def content_dependent(self) -> bool:
+        """Whether the mask depends on the values of q and k (spec/patterns.md)."""
+        return False
+
+    def _mask(self, lq: int, lk: int, heads: int | None, inputs) -> Mask:
+        """`mask` after validation; ``inputs`` is a `content.Inputs` or None. Content-
+        dependent patterns and composites override this; the rest ignore ``inputs``."""
         return self._build_heads(lq, lk, heads)
 
     def _build_heads(self, lq: int, lk: int, heads: int | None) -> Mask:
@@ -54,6 +80,8 @@ class Pattern:
             val = getattr(self, f.name)
             if isinstance(val, np.ndarray):
                 val = val.tolist()
+            elif isinstance(val, Pattern):
+                val = val.to_dict()
             elif isinstance(val, tuple):
                 val = [v.to_dict() if isinstance(v, Pattern) else v for v in val]
             out[f.name] = val
@@ -215,9 +243,14 @@ class _Composite(Pattern):
             raise RefattnError(f"pattern {cls.name!r}: 'terms' must be a list of pattern dicts")
         return cls(terms=tuple(t if isinstance(t, Pattern) else from_dict(t) for t in terms))
 
-    def _build_heads(self, lq: int, lk: int, heads: int | None) -> Mask:
-        # Per-head terms give (1, H) stacks; the set operations broadcast 2-D terms over them.
-        return functools.reduce(self._op, (t.mask(lq, lk, heads=heads) for t in self.terms))
+    @property
+    def content_dependent(self) -> bool:
+        return any(t.content_dependent for t in self.terms)
+
+    def _mask(self, lq: int, lk: int, heads: int | None, inputs) -> Mask:
+        # Per-head terms give (1, H) stacks, content terms (B, H) ones; the set
+        # operations broadcast 2-D terms over them.
+        return functools.reduce(self._op, (t._mask(lq, lk, heads, inputs) for t in self.terms))
 
 
 @register

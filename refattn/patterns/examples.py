@@ -4,7 +4,9 @@ Test matrices (the cross-backend tests, the golden suite) iterate over every pat
 without knowing each one's parameters: ``example(name, lq, lk)`` picks small parameters
 that fit the lengths, or returns None where the pattern cannot apply (a self-attention
 layout with ``Lq != Lk``, a grid that does not factor). A new pattern joins every matrix
-by adding its line here; ``tests/test_pattern_examples.py`` fails until it does.
+by adding its line here; ``tests/test_pattern_examples.py`` fails until it does. The
+content-dependent ones build with the inputs: ``p.mask(lq, lk, heads=H, q=q, k=k)``
+(every pattern accepts them, so callers always pass them).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from . import base
 from .basic import Causal, Dense
 from .block_sparse import BlockSparse
+from .content import Lsh, Moba, NsaSelect, Routing, TopK
 from .deepspeed import DeepSpeedBigBird, DeepSpeedBSLongformer, DeepSpeedFixed, DeepSpeedVariable
 from .global_tokens import GlobalTokens
 from .longformer import Longformer
@@ -55,6 +58,7 @@ _SELF = {                      # patterns that need Lq == Lk, by their length al
         block=b, num_random_blocks=1, local_window_blocks=(1, 2), global_block_indices=(0,), seed=s)),
     "deepspeed_bigbird": lambda n, s: _deepspeed(n, lambda b: DeepSpeedBigBird(block=b, seed=s)),
     "deepspeed_bslongformer": lambda n, s: _deepspeed(n, lambda b: DeepSpeedBSLongformer(block=b)),
+    "lsh": lambda n, s: Lsh(buckets=4, hashes=2, chunk=4, seed=s),
 }
 
 _ANY = {                       # patterns defined for any (Lq, Lk)
@@ -76,6 +80,11 @@ _ANY = {                       # patterns defined for any (Lq, Lk)
     "union": lambda lq, lk, s: SlidingWindow(2, 0) | GlobalTokens((0,)),
     "intersection": lambda lq, lk, s: Causal() & SlidingWindow(4, 4),
     "difference": lambda lq, lk, s: Causal() - SlidingWindow(1, 0),
+    # Content-dependent: the mask also needs q and k (``mask(lq, lk, heads=H, q=q, k=k)``).
+    "routing": lambda lq, lk, s: Routing(clusters=min(3, lq + lk), iterations=3, seed=s),
+    "topk": lambda lq, lk, s: TopK(4, base=Causal()),
+    "nsa_select": lambda lq, lk, s: NsaSelect(block=4, top_n=3),
+    "moba": lambda lq, lk, s: Moba(block=4, top_k=2),
 }
 
 

@@ -1,0 +1,456 @@
+"""Content-dependent patterns: the keys are chosen from the values of q and k.
+
+`lsh` (Reformer), `routing` (Routing Transformer), `topk`, `nsa_select` (DeepSeek NSA's
+selection branch) and `moba` (MoBA). Each selection is a pure function of the
+parameters, the seed and the inputs, computed in float64 in the order spec/patterns.md
+("Content-dependent patterns") states, so the same inputs give the same mask on every
+machine; the mask is the realized selection, and gradients flow through attention on it
+only. These patterns score every (query, key) pair, so they build in O(Lq Lk) time and
+memory per (batch, head), not in O(nnz) like the static ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..alignment import DEFAULT_ALIGN
+from ..errors import RefattnError
+from ..mask import Mask
+from ._draw import draw, hash_normals
+from .base import Pattern, check_bool, check_int, check_lengths, query_positions, register, rows_from_ranges
+from .stochastic import check_seed
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Inputs:
+    """Validated ``q`` (B, H, Lq, D) and ``k`` (B, Hkv, Lk, D) in float64 (``k`` None when
+    not given); ``single`` when they came as one head, ``(Lq, D)`` and ``(Lk, D)``."""
+
+    q: np.ndarray
+    k: np.ndarray | None
+    single: bool
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    def kv_head(self, h: int) -> int:
+        """The kv head that query head ``h`` reads (spec/semantics.md, GQA)."""
+        return h // (self.q.shape[1] // self.k.shape[1])
+
+    @staticmethod
+    def check(q, k, lq: int, lk: int, heads: int | None, *, read_values: bool) -> Inputs:
+        """Shapes always; dtypes and finiteness only where the values are read."""
+        given = q if q is not None else k
+        single = hasattr(given, "shape") and len(given.shape) == 2
+        arrays = {}
+        for name, x, length in (("q", q, lq), ("k", k, lk)):
+            if x is None:
+                continue
+            if not hasattr(x, "shape") or len(x.shape) != (2 if single else 4):
+                raise RefattnError(f"pattern mask: q and k must be (B, H, L, D) arrays, or both (L, D) "
+                                   f"for one head; got {name} {type(x).__name__} of shape "
+                                   f"{getattr(x, 'shape', None)}")
+            if x.shape[-2] != length:
+                what = "lq" if name == "q" else "lk"
+                raise RefattnError(f"pattern mask: {name} has length {x.shape[-2]} but {what} = {length}")
+            arrays[name] = x
+        if q is not None and k is not None:
+            if q.shape[-1] != k.shape[-1]:
+                raise RefattnError(f"pattern mask: q and k must share D, got {q.shape[-1]} and {k.shape[-1]}")
+            if not single and (q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1]):
+                raise RefattnError(f"pattern mask: k {tuple(k.shape)} does not fit q {tuple(q.shape)}: "
+                                   "need the same B and H a multiple of Hkv")
+        if q is not None and heads is not None and heads != (1 if single else q.shape[1]):
+            raise RefattnError(f"pattern mask: heads={heads} but q has {1 if single else q.shape[1]} head(s)")
+        if not read_values:
+            return Inputs(np.empty((1, 1, lq, 0)), None, single)   # lengths checked, values unused
+        if q is None:
+            raise RefattnError("pattern mask: this pattern chooses keys from the inputs: pass q=")
+        for name, x in arrays.items():
+            a = np.asarray(x)
+            if a.dtype.kind not in "fiu":
+                raise RefattnError(f"pattern mask: {name} must hold real numbers, got dtype {a.dtype}")
+            a = a.astype(np.float64)
+            if not np.isfinite(a).all():
+                raise RefattnError(f"pattern mask: {name} has non-finite values; a selection "
+                                   "from NaN or inf scores is undefined")
+            arrays[name] = a[None, None] if single else a
+        return Inputs(arrays["q"], arrays.get("k"), single)
+
+    def need_k(self, name: str) -> np.ndarray:
+        if self.k is None:
+            raise RefattnError(f"pattern {name!r} reads the keys: pass k= to mask()")
+        return self.k
+
+    def finish(self, build) -> Mask:
+        """``build(b, h)`` -> a dense (Lq, Lk) bool array for every group, as one mask."""
+        grid = [[Mask.from_dense(build(b, h)) for h in range(self.heads)] for b in range(self.batch)]
+        return grid[0][0] if self.single else Mask.stack(grid)
+
+
+# ---- float64 arithmetic in the stated order -----------------------------------------------------
+def ordered_dots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``x @ y.T`` for ``x (n, D)``, ``y (m, D)``, summed in increasing d with every product
+    and sum rounded (no BLAS, whose summation order depends on the machine)."""
+    out = np.zeros((x.shape[0], y.shape[0]))
+    for d in range(x.shape[1]):
+        out += x[:, d, None] * y[None, :, d]
+    return out
+
+
+def ordered_block_means(k: np.ndarray, block: int, *, partial: bool) -> np.ndarray:
+    """Means over consecutive blocks of ``block`` rows of ``k (..., L, D)``: each block's
+    rows summed in increasing position, divided by its row count. ``partial``: the last,
+    shorter block too (else complete blocks only)."""
+    L = k.shape[-2]
+    nb = -(-L // block) if partial else L // block
+    out = np.empty(k.shape[:-2] + (nb, k.shape[-1]))
+    for c in range(nb):
+        rows = k[..., c * block:min((c + 1) * block, L), :]
+        s = rows[..., 0, :].copy()
+        for j in range(1, rows.shape[-2]):
+            s += rows[..., j, :]
+        out[..., c, :] = s / rows.shape[-2]
+    return out
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    """``x / |x|`` per row, ``|x| = sqrt(x . x)`` summed in increasing d; zero rows stay zero."""
+    sq = np.zeros(x.shape[0])
+    for d in range(x.shape[1]):
+        sq += x[:, d] * x[:, d]
+    norm = np.sqrt(sq)
+    return np.divide(x, norm[:, None], out=np.zeros_like(x), where=norm[:, None] > 0)
+
+
+def _causal(lq: int, lk: int) -> np.ndarray:
+    """``j <= i'`` with the default (bottom_right) alignment, as a dense (Lq, Lk) array."""
+    return np.arange(lk)[None, :] <= query_positions(lq, lk, DEFAULT_ALIGN)[:, None]
+
+
+class _ContentPattern(Pattern):
+    """A pattern whose mask needs the inputs (``mask(lq, lk, q=..., k=...)``)."""
+
+    @property
+    def content_dependent(self) -> bool:
+        return True
+
+    def _mask(self, lq: int, lk: int, heads: int | None, inputs) -> Mask:
+        return self._build_content(lq, lk, inputs)
+
+
+# ---- lsh ------------------------------------------------------------------------------------------
+@register
+@dataclass(frozen=True)
+class Lsh(_ContentPattern):
+    """Reformer's angular LSH: positions hashed by ``argmax(concat(x R, -x R))`` with
+    seeded rotations ``R`` per head and round; ``hashes`` rounds are united. ``chunk=None``:
+    same bucket in some round; ``chunk=C``: the sorted (round, bucket, position) sequence is
+    cut into chunks of C, each attending itself and the previous chunk (cyclically).
+    ``shared_qk`` (Reformer's shared query-key space, ``Lq == Lk``, ``k`` unread): a position
+    attends itself only when it has no other key."""
+
+    buckets: int
+    hashes: int = 1
+    chunk: int | None = None
+    shared_qk: bool = True
+    causal: bool = False
+    seed: int = 0
+    name = "lsh"
+
+    def __post_init__(self):
+        check_int(self.buckets, "lsh.buckets", 2)
+        if self.buckets % 2:
+            raise RefattnError(f"lsh.buckets must be even (argmax over x R and -x R), got {self.buckets}")
+        check_int(self.hashes, "lsh.hashes", 1)
+        if self.chunk is not None:
+            check_int(self.chunk, "lsh.chunk", 1)
+        check_bool(self.shared_qk, "lsh.shared_qk")
+        check_bool(self.causal, "lsh.causal")
+        check_seed(self.seed, "lsh.seed")
+        if self.chunk is not None and not self.shared_qk:
+            raise RefattnError("lsh.chunk needs shared_qk=True: chunks of separately sorted queries "
+                               "and keys would pair unrelated buckets")
+
+    def rotations(self, head: int, dim: int) -> np.ndarray:
+        """``R[r]`` of shape ``(hashes, D, buckets / 2)`` for query head ``head``."""
+        half = self.buckets // 2
+        return np.stack([hash_normals(self.seed, head, r, dim * half).reshape(dim, half)
+                         for r in range(self.hashes)])
+
+    def hash(self, x: np.ndarray, head: int) -> np.ndarray:
+        """Buckets ``(hashes, n)`` of the rows of ``x (n, D)``: the first index of the
+        largest of ``concat(x R, -x R)``."""
+        out = []
+        for rot in self.rotations(head, x.shape[1]):
+            xr = ordered_dots(x, rot.T)
+            out.append(np.argmax(np.concatenate([xr, -xr], axis=1), axis=1))
+        return np.stack(out)
+
+    def _build_content(self, lq: int, lk: int, inputs: Inputs) -> Mask:
+        if self.shared_qk and lq != lk:
+            raise RefattnError(f"lsh with shared_qk=True shares positions: need Lq == Lk, got ({lq}, {lk})")
+        q = inputs.q
+        k = None if self.shared_qk else inputs.need_k(self.name)
+
+        def build(b, h):
+            qb = self.hash(q[b, h], h)
+            if not self.shared_qk:
+                kb = self.hash(k[b, inputs.kv_head(h)], h)
+                allowed = (qb[:, :, None] == kb[:, None, :]).any(axis=0)
+                return allowed & _causal(lq, lk) if self.causal else allowed
+            if self.chunk is None:
+                allowed = (qb[:, :, None] == qb[:, None, :]).any(axis=0)
+            else:
+                allowed = self._chunked(qb, lq)
+            if self.causal:
+                allowed &= _causal(lq, lk)
+            diag = np.eye(lq, dtype=bool)
+            others = allowed & ~diag
+            return others | (diag & ~others.any(axis=1)[:, None])    # self only when alone
+        return inputs.finish(build)
+
+    def _chunked(self, buckets: np.ndarray, n: int) -> np.ndarray:
+        """Sort each round by (bucket, position), concatenate the rounds, cut into chunks
+        of ``chunk``: an item sees its chunk and the previous one (cyclically)."""
+        order = np.concatenate([np.argsort(b, kind="stable") for b in buckets])   # positions
+        C = self.chunk
+        chunks = [order[s:s + C] for s in range(0, order.size, C)]
+        allowed = np.zeros((n, n), bool)
+        for c, members in enumerate(chunks):
+            seen = np.concatenate([members, chunks[c - 1]])                      # c - 1 = -1: the last
+            allowed[np.ix_(members, seen)] = True
+        return allowed
+
+
+# ---- routing ----------------------------------------------------------------------------------
+@register
+@dataclass(frozen=True)
+class Routing(_ContentPattern):
+    """The Routing Transformer's spherical k-means on the normalised queries and keys of
+    each (batch, head): seeded initial centroids, ``iterations`` Lloyd rounds, then query
+    ``i`` attends key ``j`` iff they share the nearest centroid (and ``j <= i'`` with
+    ``causal``)."""
+
+    clusters: int
+    iterations: int = 10
+    causal: bool = False
+    seed: int = 0
+    name = "routing"
+
+    def __post_init__(self):
+        check_int(self.clusters, "routing.clusters", 1)
+        check_int(self.iterations, "routing.iterations", 0)
+        check_bool(self.causal, "routing.causal")
+        check_seed(self.seed, "routing.seed")
+
+    def assign(self, x: np.ndarray, head: int, batch: int) -> np.ndarray:
+        """Cluster of each row of the normalised points ``x (N, D)`` (spec order)."""
+        n, C = x.shape[0], self.clusters
+        if C > n:
+            raise RefattnError(f"routing.clusters = {C} exceeds the {n} queries and keys to cluster")
+        _, first = draw(self.seed, head, np.array([n]), np.array([C]), first_row=batch)
+        mu = x[first].copy()
+        for _ in range(self.iterations):
+            label = np.argmax(ordered_dots(x, mu), axis=1)
+            sums = np.stack([np.bincount(label, weights=x[:, d], minlength=C)    # in increasing p
+                             for d in range(x.shape[1])], axis=1)
+            norm = np.sqrt(sum(sums[:, d] * sums[:, d] for d in range(x.shape[1])))
+            moved = norm > 0                                  # empty clusters and zero sums stay
+            mu[moved] = sums[moved] / norm[moved, None]
+        return np.argmax(ordered_dots(x, mu), axis=1)
+
+    def _build_content(self, lq: int, lk: int, inputs: Inputs) -> Mask:
+        q, k = inputs.q, inputs.need_k(self.name)
+
+        def build(b, h):
+            x = np.concatenate([_normalized(q[b, h]), _normalized(k[b, inputs.kv_head(h)])])
+            label = self.assign(x, h, b)
+            allowed = label[:lq, None] == label[None, lq:]
+            return allowed & _causal(lq, lk) if self.causal else allowed
+        return inputs.finish(build)
+
+
+# ---- topk ---------------------------------------------------------------------------------------
+@register
+@dataclass(frozen=True)
+class TopK(_ContentPattern):
+    """Each query keeps the ``k`` keys of highest ``q_i . k_j`` among those ``base`` allows
+    (None: every key); ties go to the lower key index."""
+
+    k: int
+    base: Pattern | None = None
+    name = "topk"
+
+    def __post_init__(self):
+        check_int(self.k, "topk.k", 0)
+        if self.base is not None and not isinstance(self.base, Pattern):
+            raise RefattnError(f"topk.base must be a pattern or None, got {self.base!r}")
+
+    @classmethod
+    def _from_params(cls, params: dict) -> Pattern:
+        params = dict(params)
+        if isinstance(params.get("base"), dict):
+            from .base import from_dict
+            params["base"] = from_dict(params["base"])
+        return cls(**params)
+
+    def _build_content(self, lq: int, lk: int, inputs: Inputs) -> Mask:
+        q, k = inputs.q, inputs.need_k(self.name)
+        if self.base is not None:
+            base = self.base._mask(lq, lk, None if inputs.single else inputs.heads, inputs)
+            bm, hm = base.group_shape
+
+        def build(b, h):
+            scores = ordered_dots(q[b, h], k[b, inputs.kv_head(h)])
+            if self.base is not None:
+                scores[~base.group(b % bm, h % hm).toarray()] = -np.inf
+            # Rank each row by (-score, j): a stable sort of -score keeps lower j first on ties.
+            rank = np.empty((lq, lk), np.int64)
+            rank[np.arange(lq)[:, None], np.argsort(-scores, axis=1, kind="stable")] = np.arange(lk)
+            return (rank < self.k) & (scores > -np.inf)
+        return inputs.finish(build)
+
+
+# ---- block selection: nsa_select, moba ----------------------------------------------------------
+def _select_blocks(t: np.ndarray, rank_key: np.ndarray, extra: int, block: int, lk: int) -> np.ndarray:
+    """Query rows at positions ``t`` keep their current block ``t // block`` and the
+    ``extra`` earlier blocks of smallest ``rank_key`` (lower block first on ties); then
+    every key of a kept block with ``j <= t``. ``t < 0``: an empty row."""
+    lq, nb = rank_key.shape
+    current = np.where(t >= 0, t // block, -1)
+    blocks = np.arange(nb)
+    earlier = blocks[None, :] < current[:, None]
+    key = np.where(earlier, rank_key, np.inf)
+    order = np.argsort(key, axis=1, kind="stable")
+    rank = np.empty((lq, nb), np.int64)
+    rank[np.arange(lq)[:, None], order] = blocks
+    kept = (earlier & (rank < extra)) | (blocks[None, :] == current[:, None])
+    j = np.arange(lk)
+    return kept[:, j // block] & (j[None, :] <= t[:, None])
+
+
+def _check_scale(scale, name: str):
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(scale) or scale <= 0:
+        raise RefattnError(f"{name} must be a finite number > 0 or None, got {scale!r}")
+    return float(scale)
+
+
+@register
+@dataclass(frozen=True)
+class NsaSelect(_ContentPattern):
+    """DeepSeek NSA's selection branch (causal): each query keeps its current key block
+    and the ``top_n - 1`` earlier blocks of highest compressed-attention importance
+    (softmax of ``scale * q . mean(block)`` over complete past blocks, summed over a GQA
+    group, which selects together); then the kept blocks' keys ``j <= t``."""
+
+    block: int
+    top_n: int
+    scale: float | None = None
+    name = "nsa_select"
+
+    def __post_init__(self):
+        check_int(self.block, "nsa_select.block", 1)
+        check_int(self.top_n, "nsa_select.top_n", 1)
+        _check_scale(self.scale, "nsa_select.scale")
+
+    def _build_content(self, lq: int, lk: int, inputs: Inputs) -> Mask:
+        q, k = inputs.q, inputs.need_k(self.name)
+        t = query_positions(lq, lk, DEFAULT_ALIGN)
+        nb = -(-lk // self.block)
+        group = inputs.heads // k.shape[1]
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        kbar = ordered_block_means(k, self.block, partial=False)          # complete blocks
+        visible = np.arange(kbar.shape[-2])[None, :] < ((t + 1) // self.block)[:, None]
+        cache = {}
+
+        def importance(b, g):
+            """Rank keys (smaller first) of the (Lq, nb) blocks for kv head g's group."""
+            key = np.full((lq, nb), np.inf)
+            nc = kbar.shape[-2]
+            if group == 1:      # softmax is monotone: the scores order the blocks exactly
+                key[:, :nc] = -ordered_dots(q[b, g], kbar[b, g])
+                return key
+            total = np.zeros((lq, nc))
+            for h in range(g * group, (g + 1) * group):     # heads in increasing order
+                s = np.where(visible, scale * ordered_dots(q[b, h], kbar[b, g]), -np.inf)
+                m = np.max(s, axis=1, initial=-np.inf)
+                e = np.exp(s - np.where(m > -np.inf, m, 0)[:, None])
+                den = np.cumsum(e, axis=1)[:, -1:] if nc else np.zeros((lq, 1))   # in increasing c
+                total += np.divide(e, den, out=np.zeros_like(e), where=den > 0)
+            key[:, :nc] = -total
+            return key
+
+        def build(b, h):
+            g = inputs.kv_head(h)
+            if (b, g) not in cache:
+                cache[b, g] = _select_blocks(t, importance(b, g), self.top_n - 1, self.block, lk)
+            return cache[b, g]
+        return inputs.finish(build)
+
+
+def nsa_compress(x, block: int) -> np.ndarray:
+    """NSA's compressed keys (or values) by block means: ``x (..., L, D)`` to
+    ``(..., L // block, D)``, complete blocks only, summed in increasing position."""
+    check_int(block, "block", 1)
+    x = np.asarray(x, np.float64)
+    if x.ndim < 2 or x.shape[-2] < block:
+        raise RefattnError(f"nsa_compress: need (..., L, D) with L >= block = {block}, got shape {x.shape}")
+    return ordered_block_means(x, block, partial=False)
+
+
+def nsa_compressed_mask(lq: int, lk: int, block: int) -> Mask:
+    """The compressed branch's ``(Lq, Lk // block)`` mask: query position ``t = i'`` sees
+    compressed key ``c`` iff ``(c + 1) * block - 1 <= t`` (complete past blocks)."""
+    lq, lk = check_lengths(lq, lk)
+    check_int(block, "block", 1)
+    if lk < block:
+        raise RefattnError(f"nsa_compressed_mask: Lk = {lk} has no complete block of {block}")
+    t = query_positions(lq, lk, DEFAULT_ALIGN)
+    return rows_from_ranges(np.zeros(lq, np.int64), (t + 1) // block, lq, lk // block)
+
+
+@register
+@dataclass(frozen=True)
+class Moba(_ContentPattern):
+    """MoBA's block selection (causal): each query keeps its current key block and the
+    ``top_k - 1`` earlier blocks of highest gate ``q_i . mean(block)``; then the kept
+    blocks' keys ``j <= t``. Each head selects for itself."""
+
+    block: int
+    top_k: int
+    name = "moba"
+
+    def __post_init__(self):
+        check_int(self.block, "moba.block", 1)
+        check_int(self.top_k, "moba.top_k", 1)
+
+    def _build_content(self, lq: int, lk: int, inputs: Inputs) -> Mask:
+        q, k = inputs.q, inputs.need_k(self.name)
+        t = query_positions(lq, lk, DEFAULT_ALIGN)
+        kbar = ordered_block_means(k, self.block, partial=True)
+
+        def build(b, h):
+            gate = ordered_dots(q[b, h], kbar[b, inputs.kv_head(h)])
+            return _select_blocks(t, -gate, self.top_k - 1, self.block, lk)
+        return inputs.finish(build)
+
+
+def sample_inputs(lq: int, lk: int, *, heads: int = 1, dim: int = 16, seed: int = 0):
+    """``q (1, heads, Lq, dim)`` and ``k (1, heads, Lk, dim)``, standard normal from
+    ``numpy.random.default_rng(seed)`` (q first): the inputs `refattn show` and
+    `refattn explain` give content-dependent patterns."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((1, heads, lq, dim)), rng.standard_normal((1, heads, lk, dim))
