@@ -26,6 +26,7 @@ from .attention import backward, forward
 from .draw import draw, write_png
 from .errors import RefattnError
 from .mask import Mask
+from .patterns.content import sample_inputs
 
 DTYPES = {
     "float16": np.dtype(np.float16),
@@ -204,18 +205,36 @@ def add_show(sub) -> None:
     p.add_argument("--head", type=_nonnegative_int, default=0, help="which head to show (default 0)")
     p.add_argument("--png", metavar="FILE", default=None,
                    help="also write the mask as a PNG picture (black allowed, white removed)")
+    _add_content_inputs(p)
+
+
+def _add_content_inputs(p) -> None:
+    p.add_argument("--seed", type=_nonnegative_int, default=0,
+                   help="content-dependent patterns (lsh, routing, topk, nsa_select, moba): the seed of "
+                   "their inputs q, k ~ N(0, 1), numpy.random.default_rng(SEED), q first (default 0)")
+    p.add_argument("--dim", type=_positive_int, default=16,
+                   help="content-dependent patterns: the head dim D of q and k (default 16)")
+
+
+def _build_mask(pat, lq: int, lk: int, heads: int | None, args) -> tuple[Mask, str]:
+    """The pattern's mask and a note on its inputs: a content-dependent pattern chooses its
+    keys from q, k drawn from --seed (`patterns.content.sample_inputs`)."""
+    if not pat.content_dependent:
+        return pat.mask(lq, lk, heads=heads), ""
+    q, k = sample_inputs(lq, lk, heads=heads or 1, dim=args.dim, seed=args.seed)
+    return pat.mask(lq, lk, heads=heads, q=q, k=k), f"  q, k ~ N(0, 1) D={args.dim} seed={args.seed}"
 
 
 def cmd_show(args) -> int:
     pat = patterns.get(args.name, **dict(args.param))
     lk = args.lk or args.lq
-    m = pat.mask(args.lq, lk, heads=args.heads)
+    m, inputs = _build_mask(pat, args.lq, lk, args.heads, args)
     heads = m.group_shape[1]
     if args.head >= heads:
         raise RefattnError(f"--head {args.head} is out of range: this mask has {heads} head(s)")
     st = analysis.stats(m, h=args.head)
     where = f" head={args.head} of {heads}" if heads > 1 else ""
-    print(f"{json.dumps(pat.to_dict())}  Lq={args.lq} Lk={lk}{where}")
+    print(f"{json.dumps(pat.to_dict())}  Lq={args.lq} Lk={lk}{where}{inputs}")
     print(draw(m, max_size=args.max_size, h=args.head))
     print(f"nnz={st.nnz} density={st.density:.6g} row keys min/mean/max="
           f"{st.row_min}/{st.row_mean:.4g}/{st.row_max} empty rows={st.empty_rows}")
@@ -243,17 +262,18 @@ def add_paths(sub) -> None:
     p.add_argument("--heads", type=_positive_int, default=None, help="number of heads, for per-head patterns")
     p.add_argument("--head", type=_nonnegative_int, default=0, help="which head (default 0)")
     p.add_argument("--max-size", type=_positive_int, default=64, help="largest picture side (default 64)")
+    _add_content_inputs(p)
 
 
 def cmd_paths(args) -> int:
     pat = patterns.get(args.pattern, **dict(args.param))
-    m = pat.mask(args.n, args.n, heads=args.heads)
+    m, inputs = _build_mask(pat, args.n, args.n, args.heads, args)
     if args.head >= m.group_shape[1]:
         raise RefattnError(f"--head {args.head} is out of range: this mask has {m.group_shape[1]} head(s)")
     src, dst, h = args.src, args.dst, args.head
     chain = analysis.path(m, src, dst, h=h)
     direct = bool(m.group(0, h)[[dst], [src]][0])
-    print(f"{json.dumps(pat.to_dict())}  n={args.n}" + (f" head={h}" if m.group_shape[1] > 1 else ""))
+    print(f"{json.dumps(pat.to_dict())}  n={args.n}" + (f" head={h}" if m.group_shape[1] > 1 else "") + inputs)
     print(f"query {dst} reads key {src} directly: {'yes' if direct else 'no'}")
     if chain is None:
         print(f"key {src} never reaches query {dst}, through any number of layers")

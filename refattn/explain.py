@@ -44,7 +44,8 @@ def add_explain(sub) -> None:
         "the running max m, the rescale alpha = exp(m_old - m_new), the running sum l and the "
         "normalised partial output O/l after each block, ending with the check against the dense "
         "oracle. --backward adds D = rowsum(dO * O), the row of dS = P * (dP - D) per block and dq. "
-        "See spec/trace.md.")
+        "A content-dependent pattern (lsh, routing, topk, nsa_select, moba) chooses its keys from "
+        "these q and k. See spec/trace.md.")
     p.add_argument("--pattern", required=True, help="pattern name (see `refattn patterns`)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="a pattern parameter (JSON value or bare word); repeat for several")
@@ -79,12 +80,9 @@ def cmd_explain(args) -> int:
     row = lq // 2 if args.row is None else args.row
     if not 0 <= row < lq:
         raise RefattnError(f"--row {row} is out of range: the rows are 0 .. {lq - 1}")
-    try:
-        pat = patterns.get(args.pattern, **dict(args.param))
-    except TypeError as e:  # a missing or unknown parameter
-        raise RefattnError(f"pattern {args.pattern!r}: {e}") from None
-    mask = pat.mask(lq, lk, heads=args.heads)
-    heads = args.heads or mask.group_shape[1]
+    pat = patterns.get(args.pattern, **dict(args.param))
+    mask = None if pat.content_dependent else pat.mask(lq, lk, heads=args.heads)
+    heads = args.heads or (1 if mask is None else mask.group_shape[1])
     if args.head >= heads:
         raise RefattnError(f"--head {args.head} is out of range: this problem has {heads} head(s)")
     h = args.head
@@ -93,6 +91,8 @@ def cmd_explain(args) -> int:
     k = rng.standard_normal((1, heads, lk, args.dim))
     v = rng.standard_normal((1, heads, lk, args.dim))
     dout = rng.standard_normal((1, heads, lq, args.dim))
+    if mask is None:        # a content-dependent pattern chooses its keys from this q and k
+        mask = pat.mask(lq, lk, heads=args.heads, q=q, k=k)
     t = trace(q, k, v, mask, block_q=bq, block_k=bk, backward=args.backward,
               dout=dout if args.backward else None)
     oracle = attention_forward(q, k, v, mask)

@@ -382,12 +382,16 @@ class Attention(Module):
             wo=_normal(rng, (hq, d_model), hq, dtype), bo=np.zeros(d_model, dtype),
         )
 
-    def mask(self, L: int) -> Mask | None:
+    def mask(self, L: int, q=None, k=None) -> Mask | None:
         """The ``(L, L)`` mask of the layer's pattern (None: every key allowed). A mask is
         a value of (pattern, L, heads), built once and shared by every layer and call
-        (at L = 16k a sliding window takes 0.4 s to build, more than a layer's forward)."""
+        (at L = 16k a sliding window takes 0.4 s to build, more than a layer's forward);
+        a content-dependent pattern's mask is chosen from this call's ``q`` and ``k``
+        (the backward rebuilds it from the saved ones: the same mask, bit for bit)."""
         if self.pattern is None or isinstance(self.pattern, Mask):
             return self.pattern
+        if self.pattern.content_dependent:
+            return self.pattern.mask(L, L, heads=self.n_heads, q=q, k=k)
         try:
             return _pattern_mask(self.pattern, L, self.n_heads)
         except TypeError:  # a pattern holding an unhashable parameter: built each time
@@ -408,7 +412,7 @@ class Attention(Module):
         q = _split_heads(x @ p["wq"] + p["bq"], self.n_heads)
         k = _split_heads(x @ p["wk"] + p["bk"], self.n_kv_heads)
         v = _split_heads(x @ p["wv"] + p["bv"], self.n_kv_heads)
-        r = self.core(q, k, v, self.mask(x.shape[1]))
+        r = self.core(q, k, v, self.mask(x.shape[1], q, k))
         y = _merge_heads(r.out, x.dtype) @ p["wo"] + p["bo"]
         saved = {"x": x, "q": q, "k": k, "v": v}
         if save == "all":
@@ -418,7 +422,7 @@ class Attention(Module):
     def backward(self, dy, saved, ctx):
         p, g = self.params, self.grads
         x, q, k, v = saved["x"], saved["q"], saved["k"], saved["v"]
-        mask = self.mask(x.shape[1])
+        mask = self.mask(x.shape[1], q, k)
         if "out" in saved:
             out, lse = saved["out"], saved["lse"]
         else:  # selective recomputation: the core again, from the saved q, k, v

@@ -179,7 +179,42 @@ def test_show_works_for_every_pattern(capsys, name):
     rc, out, err = run_cli(capsys, "show", name, "--lq", "16", *sum((["--param", x] for x in params), []))
     assert rc == 0, err
     from refattn.draw import draw
-    assert out.splitlines()[1:17] == draw(p.mask(16, 16)).splitlines()
+    from refattn.patterns.content import sample_inputs
+    q, k = sample_inputs(16, 16)            # the CLI's inputs for content-dependent patterns
+    assert out.splitlines()[1:17] == draw(p.mask(16, 16, q=q, k=k)).splitlines()
+    assert ("q, k ~ N(0, 1) D=16 seed=0" in out.splitlines()[0]) == p.content_dependent
+
+
+def test_show_content_dependent_pattern_draws_its_inputs_from_seed(capsys):
+    from refattn.draw import draw
+    from refattn.patterns.content import sample_inputs
+    p = patterns.TopK(2, base=patterns.Causal())
+    args = ["show", "topk", "--lq", "12", "--lk", "20", "--param", "k=2", "--param", 'base={"name": "causal"}']
+    pics = []
+    for seed, dim in ((0, 16), (5, 16), (5, 3)):
+        rc, out, err = run_cli(capsys, *args, "--seed", str(seed), "--dim", str(dim), "--heads", "2", "--head", "1")
+        assert rc == 0, err
+        q, k = sample_inputs(12, 20, heads=2, dim=dim, seed=seed)
+        assert out.splitlines()[1:13] == draw(p.mask(12, 20, q=q, k=k), h=1).splitlines()
+        assert f"head=1 of 2  q, k ~ N(0, 1) D={dim} seed={seed}" in out.splitlines()[0]
+        pics.append(out.splitlines()[1:13])
+    assert pics[0] != pics[1] != pics[2]
+
+
+def test_paths_content_dependent_pattern(capsys):
+    from refattn import analysis
+    from refattn.patterns.content import sample_inputs
+    rc, out, err = run_cli(capsys, "paths", "--pattern", "moba", "--param", "block=2", "--param", "top_k=2",
+                           "--n", "16", "--from", "0", "--to", "15", "--seed", "4")
+    assert rc == 0, err
+    q, k = sample_inputs(16, 16, seed=4)
+    chain = analysis.path(patterns.Moba(2, 2).mask(16, 16, q=q, k=k), 0, 15)
+    assert f"fewest layers from key 0 to query 15: {len(chain) - 1}" in out
+
+
+def test_missing_pattern_parameters_are_a_clean_error(capsys):
+    rc, _, err = run_cli(capsys, "show", "sliding_window")
+    assert rc == 1 and "missing parameter(s) ['left', 'right']" in err and "Traceback" not in err
 
 
 def test_show_heads_and_png(capsys, tmp_path):

@@ -145,6 +145,26 @@ def test_defaults_and_options(capsys):
     assert len(mask) == 21 and mask[11].endswith("<- row 50")
 
 
+@pytest.mark.parametrize("name, params", [("lsh", ["buckets=4", "hashes=2", "chunk=4"]),
+                                          ("routing", ["clusters=3"]), ("topk", ["k=3"]),
+                                          ("nsa_select", ["block=4", "top_n=2"]), ("moba", ["block=4", "top_k=2"])])
+def test_content_dependent_patterns_choose_from_the_traced_inputs(capsys, name, params):
+    """The mask drawn and traced is the one the pattern chose from the q and k that the
+    trace runs on (drawn from --seed), for two heads and a followed head of 1."""
+    argv = ["--pattern", name, *sum((["--param", p] for p in params), []), "--lq", "16", "--block", "4",
+            "--heads", "2", "--head", "1", "--seed", "7", "--backward"]
+    rc, out = run(capsys, argv)
+    assert rc == 0, out
+    q, k, v, dout = inputs(16, 16, heads=2, seed=7)
+    pat = patterns.get(name, **{p.split("=")[0]: int(p.split("=")[1]) for p in params})
+    m = pat.mask(16, 16, q=q, k=k)
+    drawn = [line[4:].replace("|", "") for line in section(out, "mask (")[2:] if "-+-" not in line]
+    assert [row.split()[0] for row in drawn] == [refattn.draw.draw(m, h=1).splitlines()[i] for i in range(16)]
+    t = trace(q, k, v, m, block_q=4, block_k=4)
+    assert f"out[8] = O/l = [{t.out[0, 1, 8, 0]:.5f}, {t.out[0, 1, 8, 1]:.5f}" in out
+    assert "all 16 rows of every head: out and lse match the oracle: yes" in out
+
+
 @pytest.mark.parametrize("argv,match", [
     (EXAMPLE[:-2] + ["--row", "16"], r"--row 16 is out of range"),
     (EXAMPLE[:-2] + ["--row", "-1"], r"--row -1 is out of range"),

@@ -420,6 +420,34 @@ def test_per_head_pattern_and_fixed_mask():
     assert max(errs.values()) < 1e-6
 
 
+@pytest.mark.parametrize("pattern", [patterns.get("topk", k=3, base=patterns.get("causal")),
+                                     patterns.get("moba", block=2, top_k=2)], ids=lambda p: p.name)
+def test_content_dependent_pattern_is_chosen_per_call_from_q_and_k(pattern):
+    """The mask is chosen from each call's projected q and k (so it differs per batch
+    element and per input) and held fixed by the backward: finite differences of the whole
+    layer, selection included, match where the perturbation does not change the choice."""
+    att = Attention(DM, H, HKV, pattern=pattern, seed=3)
+    rng = _rng(18, len(pattern.name))
+    _randomize(att.params, rng)
+    x = rng.standard_normal((B, L, DM))
+    y, saved = att.forward(x, CTX)
+    m = att.mask(L, saved["q"], saved["k"])
+    assert m.shape == (B, H, L, L) and (m.group(0, 0) != m.group(1, 0)).nnz > 0
+    x2 = rng.standard_normal((B, L, DM))
+    _, saved2 = att.forward(x2, CTX)
+    assert att.mask(L, saved2["q"], saved2["k"]) != m                  # other inputs, other keys
+    eps = 1e-6
+    for sign in (1, -1):       # the selection is locally constant here, so FD sees no jump
+        _, s = att.forward(x + sign * eps * rng.standard_normal(x.shape), CTX)
+        assert att.mask(L, s["q"], s["k"]) == m
+    errs = _fd_errors(att, x, CTX, rng.standard_normal((B, L, DM)), eps=eps)
+    assert max(errs.values()) < 1e-5, errs
+    blocks = [Block(DM, H, HKV, DFF, pattern=pattern, layer=0) for _ in range(2)]
+    dy = rng.standard_normal((B, L, DM))
+    out = [blk.backward(dy, blk.forward(x, CTX, save=save)[1], CTX) for blk, save in zip(blocks, ("all", "selective"))]
+    assert np.array_equal(out[0], out[1])
+
+
 def test_validation():
     with pytest.raises(ValueError):
         Block(DM, H, HKV, DFF).forward(np.zeros((B, L, DM)), CTX, save="some")

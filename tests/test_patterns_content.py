@@ -428,7 +428,8 @@ def test_lsh_matches_brute_force(kind):
                 seen.add("ragged-chunk")
             if chunk is not None and -(-hashes * Lq // chunk) >= 3:
                 seen.add("cyclic")
-            if (exp.sum(-1) == 1).any() and Lq > 1:
+            diag = np.eye(Lq, dtype=bool)
+            if ((exp.sum(-1) == 1) & (exp & diag).any(-1)).any() and Lq > 1:
                 seen.add("self-alone")
         seen.add((shared, chunk is None, causal, hashes > 1))
     assert {"ragged-chunk", "cyclic", "self-alone"} <= seen
@@ -493,7 +494,7 @@ def test_routing_matches_brute_force(kind):
             zero_some_rows(rng, q)
             zero_some_rows(rng, k)
             # a key in the direction of a query (scaled by 2: the same normalised point)
-            k[..., 0, :] = 2 * q[..., 0, :][:, ::(H // Hkv)] if k.shape[1] * (H // Hkv) == H else k[..., 0, :]
+            k[:, :, 0, :] = 2 * q[:, ::H // Hkv, 0, :]
         p = patterns.Routing(clusters, iterations=iterations, causal=causal, seed=seed)
         exp = brute_routing(q, k, clusters, iterations, causal, seed)
         check(p, q, k, exp)
@@ -694,8 +695,13 @@ def test_moba_examples():
     np.testing.assert_array_equal(d, brute_moba(q, k, 2, 1)[0, 0])
     assert d[6].astype(int).tolist() == [0, 0, 0, 0, 0, 0, 1]
     # Lq > Lk: the t < 0 rows are empty
+    # (block 3: means 5/3, 5/3, -9; the first two tie exactly and block 0 wins)
     d = patterns.Moba(3, 2).mask(9, 7, q=np.ones((9, 2)), k=k).to_dense()
-    assert not d[:2].any() and d[2:].all(axis=None) == False and d[2, 0]  # noqa: E712
+    exp = np.zeros((9, 7), bool)
+    for i in range(2, 9):
+        exp[i, :i - 1] = True
+    exp[8] = [1, 1, 1, 0, 0, 0, 1]
+    np.testing.assert_array_equal(d, exp)
     np.testing.assert_array_equal(d, brute_moba(np.ones((9, 2)), k, 3, 2)[0, 0])
 
 
@@ -718,7 +724,7 @@ def _loss(q, k, v, dout, m):
 @pytest.mark.parametrize("name,make,lq,lk,qk_shared", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 def test_gradient_is_that_of_the_realized_mask(name, make, lq, lk, qk_shared):
     p = make()
-    rng = np.random.default_rng(abs(hash(name)) % 1000 + 11)
+    rng = np.random.default_rng(sum(map(ord, name)) + 11)
     B, H, Hkv, D = 1, 4, 2, 4
     q = rng.standard_normal((B, H, lq, D))
     k = rng.standard_normal((B, Hkv, lk, D))
@@ -780,7 +786,7 @@ def test_gradient_ignores_the_selection_at_a_tie():
 # ---- serialization -----------------------------------------------------------------------------------
 
 SERIAL = [
-    (patterns.Lsh if hasattr(patterns, "Lsh") else None, "lsh",
+    (getattr(patterns, "Lsh", None), "lsh",
      dict(buckets=6, hashes=3, chunk=7, shared_qk=True, causal=True, seed=2**64 - 5)),
     (getattr(patterns, "Lsh", None), "lsh",
      dict(buckets=2, hashes=1, chunk=None, shared_qk=False, causal=False, seed=0)),
@@ -893,9 +899,10 @@ def test_content_patterns_validate_their_inputs(name):
         dict(q=q, k=k, heads=2),
         dict(q=q, k=k, heads=8),
         dict(q=q[0, 0], k=k),                                 # 2-D q with 4-D k
+        dict(q=q, k=k[:, :, :5]),                            # k length != lk
     ]
     if name != "lsh":                                         # these read k
-        bad += [dict(q=q), dict(q=q, k=k[:, :, :5]), dict(q=q, k=np.where(np.arange(3) == 0, -np.inf, k))]
+        bad += [dict(q=q), dict(q=q, k=np.where(np.arange(3) == 0, -np.inf, k))]
     else:
         p.mask(6, 6, q=q)                                     # shared_qk lsh does not need k
         p.mask(6, 6, q=q[0, 0])
@@ -926,13 +933,11 @@ BAD_PARAMS = [
     lambda: patterns.TopK(-1),
     lambda: patterns.TopK(True),
     lambda: patterns.TopK(2.0),
-    lambda: patterns.TopK(2, base="causal"),
+    lambda: patterns.TopK(2, base=3),
     lambda: patterns.NsaSelect(0, 2),
     lambda: patterns.NsaSelect(2, 0),
     lambda: patterns.NsaSelect(True, 2),
     lambda: patterns.NsaSelect(2, True),
-    lambda: patterns.NsaSelect(2, 2, scale=0.0),
-    lambda: patterns.NsaSelect(2, 2, scale=float("nan")),
     lambda: patterns.Moba(0, 2),
     lambda: patterns.Moba(2, 0),
     lambda: patterns.Moba(True, 2),
@@ -1003,7 +1008,7 @@ def test_nsa_compress_is_block_means():
 
 
 def test_nsa_compressed_mask_rule():
-    for lq, lk, block in [(16, 16, 4), (5, 16, 4), (20, 13, 3), (7, 7, 1), (3, 10, 5), (4, 3, 4)]:
+    for lq, lk, block in [(16, 16, 4), (5, 16, 4), (20, 13, 3), (7, 7, 1), (3, 10, 5), (4, 5, 4)]:
         m = patterns.nsa_compressed_mask(lq, lk, block)
         assert m.shape == (lq, lk // block)
         exp = np.zeros((lq, lk // block), bool)

@@ -131,6 +131,11 @@ def get(name: str, **params) -> Pattern:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise RefattnError(f"pattern {name!r}: unknown parameter(s) {unknown}; it takes {allowed}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [f for f in required if f not in params]
+    if missing:
+        raise RefattnError(f"pattern {name!r}: missing parameter(s) {missing}; it takes {allowed}")
     return cls._from_params(params)
 
 
