@@ -12,7 +12,6 @@ tie rules really decide) and ``float`` (plain standard normals).
 """
 
 import math
-import random as pyrandom
 
 import numpy as np
 import pytest
@@ -179,7 +178,7 @@ def brute_routing(q, k, clusters, iterations=10, causal=False, seed=0):
             assert len(init) == clusters
             mu = [pts[p] for p in init]
 
-            def assign():
+            def assign(pts, mu):
                 a = []
                 for x in pts:
                     best, bv = 0, dot(x, mu[0])
@@ -191,7 +190,7 @@ def brute_routing(q, k, clusters, iterations=10, causal=False, seed=0):
                 return a
 
             for _ in range(iterations):
-                a = assign()
+                a = assign(pts, mu)
                 new = []
                 for c in range(clusters):
                     members = [pts[p] for p in range(n) if a[p] == c]
@@ -202,7 +201,7 @@ def brute_routing(q, k, clusters, iterations=10, causal=False, seed=0):
                         ns = math.sqrt(dot(s, s))
                         new.append([v / ns for v in s])
                 mu = new
-            a = assign()
+            a = assign(pts, mu)
             for i in range(Lq):
                 for j in range(Lk):
                     if a[i] == a[Lq + j] and not (causal and j > i + Lk - Lq):
@@ -248,7 +247,7 @@ def make_base(base):
 
 def brute_topk(q, k, kk, base=None):
     q, k = as4d(q, k)
-    B, H, Lq, D = q.shape
+    B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
     cand = base_candidates(base, B, H, Lq, Lk)
@@ -472,6 +471,37 @@ def test_lsh_self_rule_and_single_chunk():
     # chunk >= hashes * L: one chunk, which is its own previous chunk: every other key
     d = patterns.Lsh(4, hashes=2, chunk=8, seed=3).mask(4, 4, q=q).to_dense()
     np.testing.assert_array_equal(d, ~np.eye(4, dtype=bool))
+
+
+def test_lsh_exact_hash_ties_pin_the_rotations():
+    """With buckets = 4 and D = 2, x = [c_1, -c_0] for c = R[:, 0] + R[:, 1] has
+    x R = [p, -p] exactly (the entries of R are multiples of 2**-15, so every product and
+    sum is exact): concat(x R, -x R) = [p, -p, -p, p] ties between two buckets, t and
+    2 + (1 - t), and the lowest index wins. Whether the tie is exact depends on the exact
+    entries of R, so a rotation that is off by even a constant breaks it."""
+    rng = np.random.default_rng(12)
+    checked = 0
+    for seed in range(24):
+        R = lsh_rotation(seed, 0, 0, 2, 4)
+        x = [R[1][0] + R[1][1], -(R[0][0] + R[0][1])]
+        p = dot(x, [R[0][0], R[1][0]])
+        assert p == -dot(x, [R[0][1], R[1][1]])
+        low = 0 if p > 0 else 1
+        assert lsh_bucket(x, R) == low
+        # partners: slightly off x, one in each of the two tied buckets
+        offs = [[e * 0.01 * s, e * 0.01 * (1 - s)] for e in (1, -1) for s in (0, 1)]
+        near = {lsh_bucket([x[0] + o[0], x[1] + o[1]], R): o for o in offs}
+        high = 3 - low
+        if low not in near or high not in near:
+            continue
+        pts = [x, [x[0] + near[low][0], x[1] + near[low][1]], [x[0] + near[high][0], x[1] + near[high][1]]]
+        pts += rng.standard_normal((5, 2)).tolist()
+        q = np.array(pts)
+        d = patterns.Lsh(4, seed=seed).mask(8, 8, q=q).to_dense()
+        np.testing.assert_array_equal(d, brute_lsh(q, None, 4, seed=seed)[0, 0])
+        assert d[0, 1] and not d[0, 2]
+        checked += 1
+    assert checked >= 8
 
 
 # ---- routing -----------------------------------------------------------------------------------
@@ -1020,7 +1050,7 @@ def test_nsa_compressed_mask_rule():
 
 
 def masked_softmax_attention(q, k, v, allowed, scale):
-    B, H, Lq, D = q.shape
+    B, H, Lq, _ = q.shape
     G = H // k.shape[1]
     out = np.zeros((B, H, Lq, v.shape[-1]))
     for b, h, i in np.ndindex(B, H, Lq):

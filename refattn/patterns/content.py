@@ -76,7 +76,10 @@ class Inputs:
         if q is None:
             raise RefattnError("pattern mask: this pattern chooses keys from the inputs: pass q=")
         for name, x in arrays.items():
-            a = np.asarray(x)
+            try:
+                a = np.asarray(x)
+            except (TypeError, ValueError, RuntimeError) as e:   # e.g. a tensor that requires grad
+                raise RefattnError(f"pattern mask: {name} cannot be read as a NumPy array: {e}") from None
             if a.dtype.kind not in "fiu":
                 raise RefattnError(f"pattern mask: {name} must hold real numbers, got dtype {a.dtype}")
             a = a.astype(np.float64)
@@ -284,8 +287,8 @@ class Routing(_ContentPattern):
 @register
 @dataclass(frozen=True)
 class TopK(_ContentPattern):
-    """Each query keeps the ``k`` keys of highest ``q_i . k_j`` among those ``base`` allows
-    (None: every key); ties go to the lower key index."""
+    """Each query keeps the ``k`` keys of highest score ``q_i k_j^T`` among those ``base``
+    allows (None: every key); ties go to the lower key index."""
 
     k: int
     base: Pattern | None = None
@@ -353,8 +356,9 @@ def _check_scale(scale, name: str):
 class NsaSelect(_ContentPattern):
     """DeepSeek NSA's selection branch (causal): each query keeps its current key block
     and the ``top_n - 1`` earlier blocks of highest compressed-attention importance
-    (softmax of ``scale * q . mean(block)`` over complete past blocks, summed over a GQA
-    group, which selects together); then the kept blocks' keys ``j <= t``."""
+    (softmax of ``scale q_t kbar_c^T``, ``kbar_c`` the block's mean key, over complete past
+    blocks, summed over a GQA group, which selects together); then the kept blocks' keys
+    ``j <= t``."""
 
     block: int
     top_n: int
@@ -426,8 +430,8 @@ def nsa_compressed_mask(lq: int, lk: int, block: int) -> Mask:
 @dataclass(frozen=True)
 class Moba(_ContentPattern):
     """MoBA's block selection (causal): each query keeps its current key block and the
-    ``top_k - 1`` earlier blocks of highest gate ``q_i . mean(block)``; then the kept
-    blocks' keys ``j <= t``. Each head selects for itself."""
+    ``top_k - 1`` earlier blocks of highest gate ``q_i kbar_c^T``, ``kbar_c`` the block's
+    mean key; then the kept blocks' keys ``j <= t``. Each head selects for itself."""
 
     block: int
     top_k: int
