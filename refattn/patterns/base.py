@@ -49,8 +49,8 @@ class Pattern:
         if q is not None or k is not None:
             from .content import Inputs     # content.py builds on this module
             inputs = Inputs.check(q, k, lq, lk, heads, read_values=self.content_dependent)
-            if heads is None and not inputs.single:
-                heads = (q if q is not None else k).shape[1]     # per-head patterns: q's heads
+            if heads is None and q is not None and not inputs.single:
+                heads = q.shape[1]                  # per-head patterns build q's heads
         elif self.content_dependent:
             raise RefattnError(f"pattern {self.name!r} chooses keys from the inputs: "
                                "pass q= and k= to mask()")
