@@ -5,13 +5,15 @@ selection branch) and `moba` (MoBA). Each selection is a pure function of the
 parameters, the seed and the inputs, computed in float64 in the order spec/patterns.md
 ("Content-dependent patterns") states, so the same inputs give the same mask on every
 machine; the mask is the realized selection, and gradients flow through attention on it
-only. These patterns score every (query, key) pair, so they build in O(Lq Lk) time and
-memory per (batch, head), not in O(nnz) like the static ones.
+only. The masks are assembled straight as CSR (`_assemble`): no ``Lq x Lk`` array is
+built; `topk` without a base scores every (query, key) pair, in blocks of rows.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +21,7 @@ import numpy as np
 from ..alignment import DEFAULT_ALIGN
 from ..errors import RefattnError
 from ..mask import Mask
+from . import _assemble
 from ._draw import draw, hash_normals
 from .base import Pattern, check_bool, check_int, check_lengths, query_positions, register, rows_from_ranges
 from .stochastic import check_seed
@@ -95,8 +98,8 @@ class Inputs:
         return self.k
 
     def finish(self, build) -> Mask:
-        """``build(b, h)`` -> a dense (Lq, Lk) bool array for every group, as one mask."""
-        grid = [[Mask.from_dense(build(b, h)) for h in range(self.heads)] for b in range(self.batch)]
+        """``build(b, h)`` -> the 2-D `Mask` of every group, as one mask."""
+        grid = [[build(b, h) for h in range(self.heads)] for b in range(self.batch)]
         return grid[0][0] if self.single else Mask.stack(grid)
 
 
@@ -107,7 +110,35 @@ def ordered_dots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     out = np.zeros((x.shape[0], y.shape[0]))
     for d in range(x.shape[1]):
         out += x[:, d, None] * y[None, :, d]
+    return _finite_scores(out)
+
+
+def ordered_pair_dots(x: np.ndarray, y: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``x[rows[e]] . y[cols[e]]`` for every pair ``e``, in the order of `ordered_dots`."""
+    out = np.zeros(rows.size)
+    xt, yt = np.ascontiguousarray(x.T), np.ascontiguousarray(y.T)    # gathers from contiguous rows
+    for d in range(x.shape[1]):
+        out += xt[d, rows] * yt[d, cols]
+    return _finite_scores(out)
+
+
+def first_argmax(x: np.ndarray, y: np.ndarray, *, both_signs: bool = False) -> np.ndarray:
+    """For each row of ``x``, the first index of the largest of ``x . y_c`` (with
+    ``both_signs``: of ``concat(x . y_c, -x . y_c)``), rows taken in blocks of
+    `_assemble.ROW_BUDGET` scores."""
+    out = np.empty(x.shape[0], np.int64)
+    step = _assemble.rows_per_block(y.shape[0] * (2 if both_signs else 1))
+    for lo in range(0, x.shape[0], step):
+        s = ordered_dots(x[lo:lo + step], y)
+        out[lo:lo + step] = np.argmax(np.concatenate([s, -s], axis=1) if both_signs else s, axis=1)
     return out
+
+
+def _finite_scores(s: np.ndarray) -> np.ndarray:
+    if not np.isfinite(s).all():
+        raise RefattnError("pattern mask: a score q . k overflows float64; the inputs are too "
+                           "large to rank (scale them down)")
+    return s
 
 
 def ordered_block_means(k: np.ndarray, block: int, *, partial: bool) -> np.ndarray:
@@ -135,9 +166,9 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norm[:, None], out=np.zeros_like(x), where=norm[:, None] > 0)
 
 
-def _causal(lq: int, lk: int) -> np.ndarray:
-    """``j <= i'`` with the default (bottom_right) alignment, as a dense (Lq, Lk) array."""
-    return np.arange(lk)[None, :] <= query_positions(lq, lk, DEFAULT_ALIGN)[:, None]
+def _causal_limit(causal: bool, lq: int, lk: int) -> np.ndarray | None:
+    """The last key ``i'`` each query may see under ``causal`` (default alignment, bottom_right)."""
+    return query_positions(lq, lk, DEFAULT_ALIGN) if causal else None
 
 
 class _ContentPattern(Pattern):
@@ -193,46 +224,46 @@ class Lsh(_ContentPattern):
     def hash(self, x: np.ndarray, head: int) -> np.ndarray:
         """Buckets ``(hashes, n)`` of the rows of ``x (n, D)``: the first index of the
         largest of ``concat(x R, -x R)``."""
-        out = []
-        for rot in self.rotations(head, x.shape[1]):
-            xr = ordered_dots(x, rot.T)
-            out.append(np.argmax(np.concatenate([xr, -xr], axis=1), axis=1))
-        return np.stack(out)
+        return np.stack([first_argmax(x, rot.T, both_signs=True)
+                         for rot in self.rotations(head, x.shape[1])])
 
     def _build_content(self, lq: int, lk: int, inputs: Inputs) -> Mask:
         if self.shared_qk and lq != lk:
             raise RefattnError(f"lsh with shared_qk=True shares positions: need Lq == Lk, got ({lq}, {lk})")
         q = inputs.q
         k = None if self.shared_qk else inputs.need_k(self.name)
+        limit = _causal_limit(self.causal, lq, lk)
 
         def build(b, h):
             qb = self.hash(q[b, h], h)
             if not self.shared_qk:
                 kb = self.hash(k[b, inputs.kv_head(h)], h)
-                allowed = (qb[:, :, None] == kb[:, None, :]).any(axis=0)
-                return allowed & _causal(lq, lk) if self.causal else allowed
+                return functools.reduce(operator.or_, (_assemble.same_label(qr, kr, lk, limit)
+                                                       for qr, kr in zip(qb, kb)))
             if self.chunk is None:
-                allowed = (qb[:, :, None] == qb[:, None, :]).any(axis=0)
+                allowed = functools.reduce(operator.or_, (_assemble.same_label(qr, qr, lk, limit)
+                                                          for qr in qb))
             else:
-                allowed = self._chunked(qb, lq)
-            if self.causal:
-                allowed &= _causal(lq, lk)
-            diag = np.eye(lq, dtype=bool)
-            others = allowed & ~diag
-            return others | (diag & ~others.any(axis=1)[:, None])    # self only when alone
+                allowed = self._chunked(qb, lq, limit)
+            return _assemble.drop_self_unless_alone(allowed)
         return inputs.finish(build)
 
-    def _chunked(self, buckets: np.ndarray, n: int) -> np.ndarray:
+    def _chunked(self, buckets: np.ndarray, n: int, limit: np.ndarray | None) -> Mask:
         """Sort each round by (bucket, position), concatenate the rounds, cut into chunks
         of ``chunk``: an item sees its chunk and the previous one (cyclically)."""
         order = np.concatenate([np.argsort(b, kind="stable") for b in buckets])   # positions
-        C = self.chunk
-        chunks = [order[s:s + C] for s in range(0, order.size, C)]
-        allowed = np.zeros((n, n), bool)
-        for c, members in enumerate(chunks):
-            seen = np.concatenate([members, chunks[c - 1]])                      # c - 1 = -1: the last
-            allowed[np.ix_(members, seen)] = True
-        return allowed
+        C, items = self.chunk, order.size
+        chunk = np.arange(items) // C
+        own = chunk * C
+        prev = (chunk - 1) % -(-items // C) * C                   # chunk -1 is the last one
+        lo = np.stack([own, prev], axis=1)
+        hi = np.minimum(lo + C, items)
+        counts, seen = _assemble.expand_ranges(lo, hi)            # item s sees items seen[...]
+        rows, cols = np.repeat(order, counts), order[seen]
+        if limit is not None:
+            keep = cols <= limit[rows]
+            rows, cols = rows[keep], cols[keep]
+        return _assemble.from_pairs(rows, cols, n, n)
 
 
 # ---- routing ----------------------------------------------------------------------------------
@@ -264,22 +295,22 @@ class Routing(_ContentPattern):
         _, first = draw(self.seed, head, np.array([n]), np.array([C]), first_row=batch)
         mu = x[first].copy()
         for _ in range(self.iterations):
-            label = np.argmax(ordered_dots(x, mu), axis=1)
+            label = first_argmax(x, mu)
             sums = np.stack([np.bincount(label, weights=x[:, d], minlength=C)    # in increasing p
                              for d in range(x.shape[1])], axis=1)
             norm = np.sqrt(sum(sums[:, d] * sums[:, d] for d in range(x.shape[1])))
             moved = norm > 0                                  # empty clusters and zero sums stay
             mu[moved] = sums[moved] / norm[moved, None]
-        return np.argmax(ordered_dots(x, mu), axis=1)
+        return first_argmax(x, mu)
 
     def _build_content(self, lq: int, lk: int, inputs: Inputs) -> Mask:
         q, k = inputs.q, inputs.need_k(self.name)
+        limit = _causal_limit(self.causal, lq, lk)
 
         def build(b, h):
             x = np.concatenate([_normalized(q[b, h]), _normalized(k[b, inputs.kv_head(h)])])
             label = self.assign(x, h, b)
-            allowed = label[:lq, None] == label[None, lq:]
-            return allowed & _causal(lq, lk) if self.causal else allowed
+            return _assemble.same_label(label[:lq], label[lq:], lk, limit)
         return inputs.finish(build)
 
 
@@ -314,32 +345,65 @@ class TopK(_ContentPattern):
             bm, hm = base.group_shape
 
         def build(b, h):
-            scores = ordered_dots(q[b, h], k[b, inputs.kv_head(h)])
-            if self.base is not None:
-                scores[~base.group(b % bm, h % hm).toarray()] = -np.inf
-            # Rank each row by (-score, j): a stable sort of -score keeps lower j first on ties.
-            rank = np.empty((lq, lk), np.int64)
-            rank[np.arange(lq)[:, None], np.argsort(-scores, axis=1, kind="stable")] = np.arange(lk)
-            return (rank < self.k) & (scores > -np.inf)
+            qh, kh = q[b, h], k[b, inputs.kv_head(h)]
+            if self.base is None:
+                return _assemble.from_row_parts(list(self._top_of_all(qh, kh)), lq, lk)
+            return self._top_of_candidates(qh, kh, base.group(b % bm, h % hm))
         return inputs.finish(build)
+
+    def _top_of_all(self, qh: np.ndarray, kh: np.ndarray):
+        """Every key a candidate: rows in blocks of `_assemble.ROW_BUDGET` scores."""
+        lq, lk = qh.shape[0], kh.shape[0]
+        keep = min(self.k, lk)
+        step = _assemble.rows_per_block(lk)
+        for lo in range(0, lq, step):
+            scores = ordered_dots(qh[lo:lo + step], kh)
+            # A stable sort of -score keeps the lower key first on ties.
+            best = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :keep], axis=1)
+            yield np.full(best.shape[0], keep, np.int64), best.ravel()
+
+    def _top_of_candidates(self, qh: np.ndarray, kh: np.ndarray, base) -> Mask:
+        """The base's keys as candidates, scored on its nonzeros only."""
+        lq, lk = base.shape
+        indptr, indices = base.indptr.astype(np.int64), base.indices
+        parts, lo = [], 0
+        while lo < lq:     # rows whose candidates fit the budget (at least one row)
+            hi = max(lo + 1, int(np.searchsorted(indptr, indptr[lo] + _assemble.ROW_BUDGET, "right")) - 1)
+            hi = min(hi, lq)
+            ptr = indptr[lo:hi + 1] - indptr[lo]
+            cols = indices[indptr[lo]:indptr[hi]]
+            rows = np.repeat(np.arange(hi - lo), np.diff(ptr))
+            kept = _assemble.top_per_row(ptr, ordered_pair_dots(qh[lo:hi], kh, rows, cols), self.k)
+            parts.append((np.bincount(rows[kept], minlength=hi - lo), cols[kept]))
+            lo = hi
+        return _assemble.from_row_parts(parts, lq, lk)
 
 
 # ---- block selection: nsa_select, moba ----------------------------------------------------------
-def _select_blocks(t: np.ndarray, rank_key: np.ndarray, extra: int, block: int, lk: int) -> np.ndarray:
+def _select_blocks(t: np.ndarray, rank_key, extra: int, block: int, lk: int) -> Mask:
     """Query rows at positions ``t`` keep their current block ``t // block`` and the
-    ``extra`` earlier blocks of smallest ``rank_key`` (lower block first on ties); then
-    every key of a kept block with ``j <= t``. ``t < 0``: an empty row."""
-    lq, nb = rank_key.shape
-    current = np.where(t >= 0, t // block, -1)
-    blocks = np.arange(nb)
-    earlier = blocks[None, :] < current[:, None]
-    key = np.where(earlier, rank_key, np.inf)
-    order = np.argsort(key, axis=1, kind="stable")
-    rank = np.empty((lq, nb), np.int64)
-    rank[np.arange(lq)[:, None], order] = blocks
-    kept = (earlier & (rank < extra)) | (blocks[None, :] == current[:, None])
-    j = np.arange(lk)
-    return kept[:, j // block] & (j[None, :] <= t[:, None])
+    ``extra`` earlier blocks of smallest key (lower block first on ties); then every key
+    of a kept block with ``j <= t``. ``t < 0``: an empty row. ``rank_key(lo, hi)`` gives
+    the keys of rows ``lo .. hi - 1`` for every block, ``(hi - lo, nb)``; rows are taken
+    in blocks of `_assemble.ROW_BUDGET` keys."""
+    lq, nb = t.size, -(-lk // block)
+    take = min(extra, nb)
+    parts = []
+    step = _assemble.rows_per_block(nb)
+    for lo in range(0, lq, step):
+        tt = t[lo:lo + step]
+        current = np.where(tt >= 0, tt // block, -1)
+        earlier = np.arange(nb)[None, :] < current[:, None]
+        key = np.where(earlier, rank_key(lo, lo + tt.size), np.inf)
+        chosen = np.argsort(key, axis=1, kind="stable")[:, :take]
+        chosen = np.sort(np.where(np.take_along_axis(earlier, chosen, axis=1), chosen, -1), axis=1)
+        # Ranges per row: the chosen earlier blocks (complete: they end before t), then
+        # the current block up to t; an unused slot (-1) or a row with t < 0 is empty.
+        first = np.concatenate([chosen, current[:, None]], axis=1) * block
+        last = np.concatenate([first[:, :-1] + block, (tt + 1)[:, None]], axis=1)
+        last = np.where(first < 0, first, last)
+        parts.append(_assemble.expand_ranges(first, last))
+    return _assemble.from_row_parts(parts, lq, lk)
 
 
 def _check_scale(scale, name: str):
@@ -377,29 +441,32 @@ class NsaSelect(_ContentPattern):
         group = inputs.heads // k.shape[1]
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         kbar = ordered_block_means(k, self.block, partial=False)          # complete blocks
-        visible = np.arange(kbar.shape[-2])[None, :] < ((t + 1) // self.block)[:, None]
-        cache = {}
+        nc = kbar.shape[-2]
 
         def importance(b, g):
-            """Rank keys (smaller first) of the (Lq, nb) blocks for kv head g's group."""
-            key = np.full((lq, nb), np.inf)
-            nc = kbar.shape[-2]
-            if group == 1:      # softmax is monotone: the scores order the blocks exactly
-                key[:, :nc] = -ordered_dots(q[b, g], kbar[b, g])
+            """``rank_key(lo, hi)`` of kv head g's group: minus the importance, smaller first."""
+            def rank_key(lo, hi):
+                key = np.full((hi - lo, nb), np.inf)
+                if group == 1:      # softmax is monotone: the scores order the blocks exactly
+                    key[:, :nc] = -ordered_dots(q[b, g, lo:hi], kbar[b, g])
+                    return key
+                visible = np.arange(nc)[None, :] < ((t[lo:hi] + 1) // self.block)[:, None]
+                total = np.zeros((hi - lo, nc))
+                for h in range(g * group, (g + 1) * group):     # heads in increasing order
+                    s = np.where(visible, scale * ordered_dots(q[b, h, lo:hi], kbar[b, g]), -np.inf)
+                    m = np.max(s, axis=1, initial=-np.inf)
+                    e = np.exp(s - np.where(m > -np.inf, m, 0)[:, None])
+                    den = np.cumsum(e, axis=1)[:, -1:] if nc else np.zeros((hi - lo, 1))  # in increasing c
+                    total += np.divide(e, den, out=np.zeros_like(e), where=den > 0)
+                key[:, :nc] = -total
                 return key
-            total = np.zeros((lq, nc))
-            for h in range(g * group, (g + 1) * group):     # heads in increasing order
-                s = np.where(visible, scale * ordered_dots(q[b, h], kbar[b, g]), -np.inf)
-                m = np.max(s, axis=1, initial=-np.inf)
-                e = np.exp(s - np.where(m > -np.inf, m, 0)[:, None])
-                den = np.cumsum(e, axis=1)[:, -1:] if nc else np.zeros((lq, 1))   # in increasing c
-                total += np.divide(e, den, out=np.zeros_like(e), where=den > 0)
-            key[:, :nc] = -total
-            return key
+            return rank_key
+
+        cache = {}
 
         def build(b, h):
             g = inputs.kv_head(h)
-            if (b, g) not in cache:
+            if (b, g) not in cache:     # the group selects together: one mask for its heads
                 cache[b, g] = _select_blocks(t, importance(b, g), self.top_n - 1, self.block, lk)
             return cache[b, g]
         return inputs.finish(build)
@@ -447,8 +514,9 @@ class Moba(_ContentPattern):
         kbar = ordered_block_means(k, self.block, partial=True)
 
         def build(b, h):
-            gate = ordered_dots(q[b, h], kbar[b, inputs.kv_head(h)])
-            return _select_blocks(t, -gate, self.top_k - 1, self.block, lk)
+            qh, kbh = q[b, h], kbar[b, inputs.kv_head(h)]
+            return _select_blocks(t, lambda lo, hi: -ordered_dots(qh[lo:hi], kbh),
+                                  self.top_k - 1, self.block, lk)
         return inputs.finish(build)
 
 
