@@ -916,6 +916,25 @@ def test_content_patterns_validate_their_inputs(name):
             p.mask(6, 6, **kw)
 
 
+@pytest.mark.parametrize("name", list(CONTENT))
+def test_scores_that_overflow_are_an_error(name):
+    """Finite inputs whose dot products overflow float64 cannot be ranked: an error, not
+    a selection among infinities. Routing and lsh depend on each vector's direction only
+    and scale it by a power of two first (exact), so huge and tiny inputs select as the
+    unit-size ones do."""
+    p = CONTENT[name]()
+    rng = np.random.default_rng(6)
+    q, k = rng.standard_normal((1, 4, 6, 3)), rng.standard_normal((1, 2, 6, 3))
+    if name in ("routing", "lsh", "lsh-qk"):
+        for scale in (2.0**1020, 2.0**-1000):           # x . x overflows; underflows
+            assert p.mask(6, 6, q=q * scale, k=k * scale) == p.mask(6, 6, q=q, k=k), scale
+        return
+    q, k = q * 1e300, k * 1e300
+    with pytest.raises(RefattnError, match="overflows float64"):
+        p.mask(6, 6, q=q, k=k)
+    p.mask(6, 6, q=q / 1e300, k=k / 1e300)
+
+
 BAD_PARAMS = [
     lambda: patterns.Lsh(3),
     lambda: patterns.Lsh(1),

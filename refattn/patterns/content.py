@@ -4,9 +4,10 @@
 selection branch) and `moba` (MoBA). Each selection is a pure function of the
 parameters, the seed and the inputs, computed in float64 in the order spec/patterns.md
 ("Content-dependent patterns") states, so the same inputs give the same mask on every
-machine; the mask is the realized selection, and gradients flow through attention on it
-only. The masks are assembled straight as CSR (`_assemble`): no ``Lq x Lk`` array is
-built; `topk` without a base scores every (query, key) pair, in blocks of rows.
+machine (up to the last bit of numpy's exp in grouped nsa_select); the mask is the
+realized selection, and gradients flow through attention on it only. The masks are
+assembled straight as CSR (`_assemble`): no ``Lq x Lk`` array is built; `topk` without
+a base scores every (query, key) pair, in blocks of rows.
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ def ordered_dots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``x @ y.T`` for ``x (n, D)``, ``y (m, D)``, summed in increasing d with every product
     and sum rounded (no BLAS, whose summation order depends on the machine)."""
     out = np.zeros((x.shape[0], y.shape[0]))
-    for d in range(x.shape[1]):
-        out += x[:, d, None] * y[None, :, d]
+    with np.errstate(over="ignore", invalid="ignore"):      # overflow is reported below
+        for d in range(x.shape[1]):
+            out += x[:, d, None] * y[None, :, d]
     return _finite_scores(out)
 
 
@@ -117,8 +119,9 @@ def ordered_pair_dots(x: np.ndarray, y: np.ndarray, rows: np.ndarray, cols: np.n
     """``x[rows[e]] . y[cols[e]]`` for every pair ``e``, in the order of `ordered_dots`."""
     out = np.zeros(rows.size)
     xt, yt = np.ascontiguousarray(x.T), np.ascontiguousarray(y.T)    # gathers from contiguous rows
-    for d in range(x.shape[1]):
-        out += xt[d, rows] * yt[d, cols]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for d in range(x.shape[1]):
+            out += xt[d, rows] * yt[d, cols]
     return _finite_scores(out)
 
 
@@ -137,7 +140,7 @@ def first_argmax(x: np.ndarray, y: np.ndarray, *, both_signs: bool = False) -> n
 def _finite_scores(s: np.ndarray) -> np.ndarray:
     if not np.isfinite(s).all():
         raise RefattnError("pattern mask: a score q . k overflows float64; the inputs are too "
-                           "large to rank (scale them down)")
+                           "large to rank: scale them down")
     return s
 
 
@@ -157,8 +160,19 @@ def ordered_block_means(k: np.ndarray, block: int, *, partial: bool) -> np.ndarr
     return out
 
 
+def _unit_exponent_rows(x: np.ndarray) -> np.ndarray:
+    """Each row of ``x`` times the power of two that brings its largest magnitude into
+    ``[0.5, 1)``. The scaling is exact, so what is computed from the result equals what is
+    computed from ``x`` wherever that neither overflows nor underflows, and stays finite
+    where it would; used where the result is invariant to scaling a row."""
+    _, e = np.frexp(np.max(np.abs(x), axis=1, initial=0.0))
+    return np.ldexp(x, -e[:, None])
+
+
 def _normalized(x: np.ndarray) -> np.ndarray:
-    """``x / |x|`` per row, ``|x| = sqrt(x . x)`` summed in increasing d; zero rows stay zero."""
+    """``x / |x|`` per row, ``|x| = sqrt(x . x)`` summed in increasing d; zero rows stay zero
+    (after `_unit_exponent_rows`, so huge and tiny rows normalise too)."""
+    x = _unit_exponent_rows(x)
     sq = np.zeros(x.shape[0])
     for d in range(x.shape[1]):
         sq += x[:, d] * x[:, d]
@@ -224,6 +238,7 @@ class Lsh(_ContentPattern):
     def hash(self, x: np.ndarray, head: int) -> np.ndarray:
         """Buckets ``(hashes, n)`` of the rows of ``x (n, D)``: the first index of the
         largest of ``concat(x R, -x R)``."""
+        x = _unit_exponent_rows(x)            # the hash is invariant to scaling a row
         return np.stack([first_argmax(x, rot.T, both_signs=True)
                          for rot in self.rotations(head, x.shape[1])])
 
@@ -453,7 +468,9 @@ class NsaSelect(_ContentPattern):
                 visible = np.arange(nc)[None, :] < ((t[lo:hi] + 1) // self.block)[:, None]
                 total = np.zeros((hi - lo, nc))
                 for h in range(g * group, (g + 1) * group):     # heads in increasing order
-                    s = np.where(visible, scale * ordered_dots(q[b, h, lo:hi], kbar[b, g]), -np.inf)
+                    with np.errstate(over="ignore"):
+                        s = _finite_scores(scale * ordered_dots(q[b, h, lo:hi], kbar[b, g]))
+                    s = np.where(visible, s, -np.inf)
                     m = np.max(s, axis=1, initial=-np.inf)
                     e = np.exp(s - np.where(m > -np.inf, m, 0)[:, None])
                     den = np.cumsum(e, axis=1)[:, -1:] if nc else np.zeros((hi - lo, 1))  # in increasing c
