@@ -1084,3 +1084,40 @@ def test_nsa_three_branches_through_attention():
     assert (mw.to_dense().sum(1) == np.minimum(np.arange(L) + 1, W)).all()
     np.testing.assert_allclose(rw.out, masked_softmax_attention(q, k, v, mw.to_dense(), scale),
                                rtol=1e-12, atol=1e-12)
+
+
+# ---- the arithmetic the selections share ---------------------------------------------------------------
+
+def test_ordered_dots_follow_the_stated_order():
+    """The compiled dot products equal the spec's order to the bit: Python floats for a
+    small block, NumPy's elementwise sums in increasing d for a larger one (inputs that
+    are not on the grid, so that every sum rounds)."""
+    from refattn.patterns.content import ordered_dots, ordered_pair_dots
+
+    rng = np.random.default_rng(12)
+    x, y = rng.standard_normal((9, 37)), rng.standard_normal((14, 37))
+    got = ordered_dots(x, y)
+    want = np.array([[dot(a, b) for b in y.tolist()] for a in x.tolist()])
+    assert np.array_equal(got, want)
+    x, y = rng.standard_normal((300, 29)) * 3, rng.standard_normal((301, 29))
+    want = np.zeros((300, 301))
+    for d in range(29):
+        want += x[:, d, None] * y[None, :, d]
+    assert np.array_equal(ordered_dots(x, y), want)
+    assert not np.array_equal(want, x @ y.T)                 # BLAS sums in another order
+    rows, cols = rng.integers(0, 300, 500), rng.integers(0, 301, 500)
+    assert np.array_equal(ordered_pair_dots(x, y, rows, cols), want[rows, cols])
+    assert np.array_equal(ordered_dots(x[:, :0], y[:, :0]), np.zeros((300, 301)))
+
+
+def test_top_of_rows_is_a_stable_sort_by_minus_score():
+    from refattn.patterns._assemble import top_of_rows
+
+    rng = np.random.default_rng(13)
+    for width in (1, 2, 7, 40):
+        scores = rng.integers(-3, 4, (25, width)).astype(np.float64)    # many ties
+        scores[0] = 0.0
+        scores[1, ::2] = -0.0                                            # -0 ties +0
+        for k in range(width + 1):
+            want = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1).ravel()
+            assert np.array_equal(top_of_rows(scores, k), want), (width, k)

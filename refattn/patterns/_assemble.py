@@ -95,6 +95,21 @@ def top_per_row(indptr: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
+def top_of_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """The columns of each row's ``k`` highest scores (``k <= width``), ties to the lower
+    column, row by row in increasing column: what a stable sort by ``-score`` keeps, found
+    in linear time as every score above the row's k-th largest, then the lowest columns
+    equal to it."""
+    r, width = scores.shape
+    if k == 0:
+        return np.zeros(0, np.int64)
+    kth = np.partition(scores, width - k, axis=1)[:, width - k, None]
+    above = scores > kth
+    tied = scores == kth
+    need = k - above.sum(axis=1, keepdims=True)               # >= 1: the k-th itself
+    return np.nonzero(above | (tied & (np.cumsum(tied, axis=1) <= need)))[1]
+
+
 def drop_self_unless_alone(m: Mask) -> Mask:
     """Remove the diagonal entry ``(i, i)`` of every row that has another key."""
     csr = m.csr

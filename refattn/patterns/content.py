@@ -22,7 +22,7 @@ import numpy as np
 from ..alignment import DEFAULT_ALIGN
 from ..errors import RefattnError
 from ..mask import Mask
-from . import _assemble
+from . import _assemble, _dots
 from ._draw import draw, hash_normals
 from .base import Pattern, check_bool, check_int, check_lengths, query_positions, register, rows_from_ranges
 from .stochastic import check_seed
@@ -107,22 +107,14 @@ class Inputs:
 # ---- float64 arithmetic in the stated order -----------------------------------------------------
 def ordered_dots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``x @ y.T`` for ``x (n, D)``, ``y (m, D)``, summed in increasing d with every product
-    and sum rounded (no BLAS, whose summation order depends on the machine)."""
-    out = np.zeros((x.shape[0], y.shape[0]))
-    with np.errstate(over="ignore", invalid="ignore"):      # overflow is reported below
-        for d in range(x.shape[1]):
-            out += x[:, d, None] * y[None, :, d]
-    return _finite_scores(out)
+    and sum rounded (compiled, `_dots`; no BLAS, whose summation order depends on the
+    machine)."""
+    return _finite_scores(_dots.all_pairs(x, y))
 
 
 def ordered_pair_dots(x: np.ndarray, y: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``x[rows[e]] . y[cols[e]]`` for every pair ``e``, in the order of `ordered_dots`."""
-    out = np.zeros(rows.size)
-    xt, yt = np.ascontiguousarray(x.T), np.ascontiguousarray(y.T)    # gathers from contiguous rows
-    with np.errstate(over="ignore", invalid="ignore"):
-        for d in range(x.shape[1]):
-            out += xt[d, rows] * yt[d, cols]
-    return _finite_scores(out)
+    return _finite_scores(_dots.listed_pairs(x, y, rows, cols))
 
 
 def first_argmax(x: np.ndarray, y: np.ndarray, *, both_signs: bool = False) -> np.ndarray:
@@ -372,10 +364,8 @@ class TopK(_ContentPattern):
         keep = min(self.k, lk)
         step = _assemble.rows_per_block(lk)
         for lo in range(0, lq, step):
-            scores = ordered_dots(qh[lo:lo + step], kh)
-            # A stable sort of -score keeps the lower key first on ties.
-            best = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :keep], axis=1)
-            yield np.full(best.shape[0], keep, np.int64), best.ravel()
+            best = _assemble.top_of_rows(ordered_dots(qh[lo:lo + step], kh), keep)
+            yield np.full(min(step, lq - lo), keep, np.int64), best
 
     def _top_of_candidates(self, qh: np.ndarray, kh: np.ndarray, base) -> Mask:
         """The base's keys as candidates, scored on its nonzeros only."""
