@@ -5,8 +5,8 @@ rows that take every key with their label (`lsh` without chunks, `routing`), row
 take a few key ranges (the block selections of `nsa_select` and `moba`) or the top
 entries of their candidates (`topk`), and sets of (query, key) pairs (`lsh`'s chunks).
 Each is assembled here into a canonical CSR without an ``Lq x Lk`` array: every
-temporary has O(nnz + Lq + Lk) entries, and the row-blocked selections hold at most
-``ROW_BUDGET`` scores at a time.
+temporary has O(nnz + Lq + Lk) entries (lsh's chunks: O(pairs), duplicates included),
+and the row-blocked selections hold at most ``ROW_BUDGET`` scores at a time.
 """
 
 from __future__ import annotations
