@@ -270,3 +270,20 @@ def test_edge_head_dims(rng, B, H, Hkv, Lq, Lk, D, Dv):
     for a, b in [(got.out, ref.out), (got.lse[finite], ref.lse[finite]), (gc.dq, gr.dq), (gc.dk, gr.dk),
                  (gc.dv, gr.dv)]:
         assert np.max(np.abs(a - b)) <= 1e-12 * max(1.0, np.max(np.abs(b)))
+
+
+def test_masks_of_any_make_up_share_one_compiled_kernel(rng):
+    """A one-group mask (its own frozen index array), a stack (indices concatenated) and a
+    mask from dense run the same compiled kernels: a second argument type would compile
+    them all again, about 100 s on a 2-core machine."""
+    kernels = (cpu._forward_kernel, cpu._dq_kernel, cpu._dkdv_kernel)
+    q, k, v = (rng.standard_normal((1, 2, 12, 4)) for _ in range(3))
+    masks = [patterns.Causal().mask(12, 12), patterns.Random(3, seed=1).mask(12, 12, heads=2),
+             refattn.Mask.from_dense(rng.random((12, 12)) < 0.5)]
+    seen = None
+    for m in masks:
+        r = refattn.forward(q, k, v, m, backend="cpu")
+        refattn.backward(q, k, v, r.out, r.lse, np.ones_like(r.out), m, backend="cpu")
+        sigs = [set(f.signatures) for f in kernels]
+        assert seen is None or sigs == seen, "a mask of another make-up compiled a new signature"
+        seen = sigs

@@ -57,6 +57,10 @@ def plan(p: Problem, bq: int, bk: int, dense_min_density: float = 1.0) -> Plan:
     base = np.concatenate([[0], np.cumsum(nnz)[:-1]]).astype(np.int64)
     # One group: its index array as it is (no copy of what may be gigabytes).
     indices = csrs[0].indices if len(csrs) == 1 else np.concatenate([c.indices for c in csrs])
+    # Read-only whatever the mask's make-up (a one-group mask's own array is): the compiled
+    # kernels are typed by it, and a second type would compile them all again (~100 s).
+    indices = indices.view()
+    indices.flags.writeable = False
     layout = block_layout(p.mask, bq, bk)
     nbq, nbk = layout.nbq, layout.nbk
     tile_ptr = np.empty((len(csrs), nbq + 1), np.int64)
