@@ -41,7 +41,11 @@ def run_cli(capsys, *argv):
 
 
 def _arrays(entry) -> dict:
-    with np.load(GOLDEN / entry["file"], allow_pickle=False) as z:
+    return _arrays_at(GOLDEN / entry["file"])
+
+
+def _arrays_at(path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
         return {name: z[name] for name in z.files}
 
 
@@ -103,11 +107,6 @@ def test_committed_suite_equals_a_fresh_generation(tmp_path):
                 (entry["id"], name)
     header = {k: v for k, v in fresh.items() if k != "cases"}
     assert header == {k: v for k, v in MANIFEST.items() if k != "cases"}
-
-
-def _arrays_at(path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {name: z[name] for name in z.files}
 
 
 def test_check_tolerates_outputs_moved_within_the_bound(suite_copy, capsys):

@@ -83,12 +83,10 @@ def from_pairs(rows: np.ndarray, cols: np.ndarray, lq: int, lk: int) -> Mask:
     return from_row_parts([(counts, code - r * lk)], lq, lk)
 
 
-def top_per_row(indptr: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-    """Which entries of CSR-ordered candidates (keys increasing within each row) are
-    among their row's ``k`` highest scores, ties to the lower key: a stable sort by
-    ``-score`` inside each row keeps the lower key first."""
-    counts = np.diff(indptr)
-    row = np.repeat(np.arange(counts.size), counts)
+def top_per_row(indptr: np.ndarray, row: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """Which entries of CSR-ordered candidates (keys increasing within each row; ``row``
+    the row of each entry) are among their row's ``k`` highest scores, ties to the lower
+    key: a stable sort by ``-score`` inside each row keeps the lower key first."""
     order = np.lexsort((-scores, row))                        # by row, then -score, then key
     keep = np.empty(scores.size, bool)
     keep[order] = (np.arange(scores.size) - indptr[row[order]]) < k

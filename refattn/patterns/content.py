@@ -378,7 +378,7 @@ class TopK(_ContentPattern):
             ptr = indptr[lo:hi + 1] - indptr[lo]
             cols = indices[indptr[lo]:indptr[hi]]
             rows = np.repeat(np.arange(hi - lo), np.diff(ptr))
-            kept = _assemble.top_per_row(ptr, ordered_pair_dots(qh[lo:hi], kh, rows, cols), self.k)
+            kept = _assemble.top_per_row(ptr, rows, ordered_pair_dots(qh[lo:hi], kh, rows, cols), self.k)
             parts.append((np.bincount(rows[kept], minlength=hi - lo), cols[kept]))
             lo = hi
         return _assemble.from_row_parts(parts, lq, lk)
