@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 
-from refattn import checkpoint, model, patterns
+from refattn import patterns
+from refattn.train import checkpoint, model
 
 
 def main(argv=None) -> int:

@@ -5,18 +5,26 @@
     r = refattn.forward(q, k, v, m)                          # r.out, r.lse
     g = refattn.backward(q, k, v, r.out, r.lse, dout, m)     # g.dq, g.dk, g.dv, g.dbias
 
-The semantics are written in spec/semantics.md and spec/backward.md.
+The semantics are written in spec/semantics.md and spec/backward.md; the layers of the
+package are drawn in README.md, "Architecture".
 """
 
-from . import backends, patterns
-from ._version import __version__
-from .alignment import ALIGNMENTS, DEFAULT_ALIGN
-from .attention import backward, forward
-from .bias import ALiBi, SparseBias
-from .contract import Grads, Result
-from .dropout import Dropout
-from .errors import RefattnError
-from .mask import Mask
+from . import _runtime
+
+# Before any module below defines a Numba function: its cache goes to the user's cache
+# folder, not into the installed package, and a first compile says what it is doing.
+_runtime.install_numba_cache_locator()
+_runtime.install_compile_notice()
+
+from . import backends, patterns  # noqa: E402
+from ._version import __version__  # noqa: E402
+from .alignment import ALIGNMENTS, DEFAULT_ALIGN  # noqa: E402
+from .attention import backward, forward  # noqa: E402
+from .bias import ALiBi, SparseBias  # noqa: E402
+from .contract import Grads, Result  # noqa: E402
+from .dropout import Dropout  # noqa: E402
+from .errors import RefattnError  # noqa: E402
+from .mask import Mask  # noqa: E402
 
 __all__ = [
     "ALIGNMENTS", "DEFAULT_ALIGN", "ALiBi", "Dropout", "Grads", "Mask", "RefattnError",

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from . import _tiles
-from .errors import RefattnError
-from .mask import Mask, _check_dim
+from .errors import RefattnError, check_dim
 
 __all__ = [
     "EMPTY", "FULL", "PARTIAL", "BlockGroup", "BlockLayout", "FlexBlockArrays",
@@ -128,6 +127,19 @@ class BlockLayout:
 # ---- computing the tiles ------------------------------------------------------------
 
 
+@runtime_checkable
+class Mask(Protocol):
+    """What the layouts read of a `refattn.Mask`. `refattn.mask` builds on this module (a
+    mask hands its block methods to it), so the type is named here by its interface."""
+
+    matrix_shape: tuple[int, int]
+    group_shape: tuple[int, int]
+    ndim: int
+    _layouts: dict
+
+    def iter_groups(self): ...
+
+
 def _check_mask(mask, fn: str) -> Mask:
     if not isinstance(mask, Mask):
         raise RefattnError(f"{fn}: mask must be a refattn.Mask, got {type(mask).__name__}")
@@ -196,8 +208,8 @@ def blocks(mask: Mask, block_q: int, block_k: int | None = None) -> BlockLayout:
     takes 0.5 s to compute, a sixth of a float32 forward pass).
     """
     mask = _check_mask(mask, "blocks")
-    bq = _check_dim(block_q, "blocks: block_q")
-    bk = bq if block_k is None else _check_dim(block_k, "blocks: block_k")
+    bq = check_dim(block_q, "blocks: block_q")
+    bk = bq if block_k is None else check_dim(block_k, "blocks: block_k")
     cached = mask._layouts.get((bq, bk))
     if cached is not None:
         return cached
@@ -232,7 +244,7 @@ def _tile_grid(layout: BlockLayout, which: str) -> np.ndarray:
 def _broadcast_count(value, have: int, fn: str, name: str, axis: str) -> int:
     if value is None:
         return have
-    n = _check_dim(value, f"{fn}: {name}")
+    n = check_dim(value, f"{fn}: {name}")
     if have not in (1, n):
         raise RefattnError(
             f"{fn}: {name}={n} does not match the mask's {axis} = {have}; it must be 1 "
@@ -255,8 +267,8 @@ def to_layout(mask: Mask, block_q: int, block_k: int | None = None, *,
     equal ``heads``). ``block_k`` defaults to ``block_q``.
     """
     mask = _check_mask(mask, "to_layout")
-    layout = blocks(mask, _check_dim(block_q, "to_layout: block_q"),
-                    None if block_k is None else _check_dim(block_k, "to_layout: block_k"))
+    layout = blocks(mask, check_dim(block_q, "to_layout: block_q"),
+                    None if block_k is None else check_dim(block_k, "to_layout: block_k"))
     bm, hm = mask.group_shape
     if bm != 1:
         raise RefattnError(
@@ -316,9 +328,9 @@ def _parse_block_size(block_size, fn: str) -> tuple[int, int]:
             raise RefattnError(
                 f"{fn}: block_size must be an int or a pair (q, kv), got {block_size!r}"
             )
-        return (_check_dim(block_size[0], f"{fn}: block_size[0] (q)"),
-                _check_dim(block_size[1], f"{fn}: block_size[1] (kv)"))
-    n = _check_dim(block_size, f"{fn}: block_size")
+        return (check_dim(block_size[0], f"{fn}: block_size[0] (q)"),
+                check_dim(block_size[1], f"{fn}: block_size[1] (kv)"))
+    n = check_dim(block_size, f"{fn}: block_size")
     return n, n
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import RefattnError
-from .mask import Mask, _check_dim
+from .errors import RefattnError, check_dim
+from .mask import Mask
 from .nonzero_values import ValueGrid, as_value_grid
 
 
@@ -45,7 +45,7 @@ class Dropout:
         p = _check_p(p)
         if not isinstance(mask, Mask):
             raise RefattnError(f"mask must be a refattn.Mask, got {type(mask).__name__}")
-        batch, heads = _check_dim(batch, "batch"), _check_dim(heads, "heads")
+        batch, heads = check_dim(batch, "batch"), check_dim(heads, "heads")
         mask.check_compatible(batch, heads, *mask.matrix_shape)
         g = np.random.Generator(np.random.PCG64(int(seed)))
         keep = [[g.random(mask.group(b, h).nnz) >= p for h in range(heads)] for b in range(batch)]

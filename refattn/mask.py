@@ -19,7 +19,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import RefattnError
+from . import blocks as _blocks
+from .errors import RefattnError, check_dim
 from ._csr_merge import DIFFERENCE, INTERSECTION, UNION, merge
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -32,14 +33,6 @@ def _index_dtype(nnz: int, lk: int) -> np.dtype:
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a
-
-
-def _check_dim(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise RefattnError(f"{name} must be an int >= 1, got {value!r}")
-    if value < 1:
-        raise RefattnError(f"{name} must be >= 1, got {value}")
-    return int(value)
 
 
 def _canonical_csr(indptr, indices, shape: tuple[int, int], what: str) -> sp.csr_array:
@@ -218,7 +211,7 @@ class Mask:
     @classmethod
     def full(cls, lq: int, lk: int) -> Mask:
         """Every query attends every key (dense attention)."""
-        lq, lk = _check_dim(lq, "lq"), _check_dim(lk, "lk")
+        lq, lk = check_dim(lq, "lq"), check_dim(lk, "lk")
         idx = _index_dtype(lq * lk, lk)
         indptr = np.arange(lq + 1, dtype=np.int64) * lk
         indices = np.tile(np.arange(lk, dtype=idx), lq)
@@ -227,7 +220,7 @@ class Mask:
     @classmethod
     def empty(cls, lq: int, lk: int) -> Mask:
         """No query attends any key (every row is empty)."""
-        lq, lk = _check_dim(lq, "lq"), _check_dim(lk, "lk")
+        lq, lk = check_dim(lq, "lq"), check_dim(lk, "lk")
         return cls.from_indices(np.zeros(lq + 1, np.int64), np.zeros(0, np.int64), (lq, lk))
 
     @classmethod
@@ -412,24 +405,18 @@ class Mask:
     def blocks(self, block_q: int, block_k: int | None = None):
         """The non-empty ``block_q x block_k`` tiles of every group, each full or partial
         (a `refattn.blocks.BlockLayout`); ``block_k`` defaults to ``block_q``."""
-        from .blocks import blocks
-
-        return blocks(self, block_q, block_k)
+        return _blocks.blocks(self, block_q, block_k)
 
     def to_layout(self, block_q: int, block_k: int | None = None, *, heads: int | None = None):
         """The block-sparse layout ``[H, nbq, nbk]`` (int64, 1 where a tile is non-empty)
         of DeepSpeed / Triton block-sparse kernels; see `refattn.blocks.to_layout`."""
-        from .blocks import to_layout
-
-        return to_layout(self, block_q, block_k, heads=heads)
+        return _blocks.to_layout(self, block_q, block_k, heads=heads)
 
     def to_flex_block_mask(self, block_size=128, *, batch: int | None = None,
                            heads: int | None = None):
         """The fields of PyTorch FlexAttention's ``BlockMask`` as NumPy arrays (a
         `refattn.blocks.FlexBlockArrays`); see `refattn.blocks.to_flex_block_mask`."""
-        from .blocks import to_flex_block_mask
-
-        return to_flex_block_mask(self, block_size, batch=batch, heads=heads)
+        return _blocks.to_flex_block_mask(self, block_size, batch=batch, heads=heads)
 
 
 _PRIVATE = object()
@@ -450,4 +437,4 @@ def _parse_matrix_shape(shape, what: str) -> tuple[int, int]:
         lq, lk = shape
     except (TypeError, ValueError):
         raise RefattnError(f"{what} must be a pair (Lq, Lk), got {shape!r}") from None
-    return _check_dim(lq, f"{what}[0] (Lq)"), _check_dim(lk, f"{what}[1] (Lk)")
+    return check_dim(lq, f"{what}[0] (Lq)"), check_dim(lk, f"{what}[1] (Lk)")

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from refattn import Mask, RefattnError, analysis, patterns
-from refattn.analysis import MaskStats, diameter, hops, reachability, stats
+from refattn import Mask, RefattnError, patterns
+from refattn.study import analysis
+from refattn.study.analysis import MaskStats, diameter, hops, reachability, stats
 
 PROPS = settings(max_examples=60, deadline=None)
 
@@ -366,4 +367,6 @@ def test_refattn_paths_command(capsys):
     assert main(["paths", "--pattern", "causal", "--n", "8", "--from", "5", "--to", "2"]) == 0
     assert "never reaches query 2" in capsys.readouterr().out
     assert main(["paths", "--pattern", "causal", "--n", "8", "--from", "9", "--to", "2"]) == 1
-    assert "path: src" in capsys.readouterr().err
+    assert "--from 9 is out of range: the positions are 0 .. 7 (--n 8)" in capsys.readouterr().err
+    assert main(["paths", "--pattern", "causal", "--n", "12", "--from", "3", "--to", "70"]) == 1
+    assert "--to 70 is out of range: the positions are 0 .. 11 (--n 12)" in capsys.readouterr().err

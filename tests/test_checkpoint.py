@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from refattn import checkpoint, model, patterns
+from refattn import patterns
+from refattn.train import checkpoint, model
 from refattn.cli import main
 
 SPECS = ["none", "selective", "uniform:2", "uniform:3", "sqrt", "binomial:1", "binomial:2", "binomial:4"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from refattn import RefattnError
-from refattn.checkpoint import (Action, parse_schedule, revolve_cost, run, schedule_binomial, schedule_none,
+from refattn.train.checkpoint import (Action, parse_schedule, revolve_cost, run, schedule_binomial, schedule_none,
                                 schedule_uniform, sqrt_segment, validate)
 
 

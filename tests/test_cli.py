@@ -135,7 +135,7 @@ def test_show_draws_the_mask_and_its_stats(capsys):
                          "--param", "left=1", "--param", "right=0", "--param", "align=top_left")
     assert rc == 0
     lines = out.splitlines()
-    from refattn.draw import draw
+    from refattn.study.draw import draw
     m = patterns.SlidingWindow(1, 0, "top_left").mask(6, 8)
     assert lines[1:7] == draw(m).splitlines()
     assert f"nnz={m.nnz}" in lines[7] and "empty rows=0" in lines[7]
@@ -178,7 +178,7 @@ def test_show_works_for_every_pattern(capsys, name):
     params = [f"{k}={json.dumps(v)}" for k, v in p.to_dict().items() if k != "name"]
     rc, out, err = run_cli(capsys, "show", name, "--lq", "16", *sum((["--param", x] for x in params), []))
     assert rc == 0, err
-    from refattn.draw import draw
+    from refattn.study.draw import draw
     from refattn.patterns.content import sample_inputs
     q, k = sample_inputs(16, 16)            # the CLI's inputs for content-dependent patterns
     assert out.splitlines()[1:17] == draw(p.mask(16, 16, q=q, k=k)).splitlines()
@@ -186,7 +186,7 @@ def test_show_works_for_every_pattern(capsys, name):
 
 
 def test_show_content_dependent_pattern_draws_its_inputs_from_seed(capsys):
-    from refattn.draw import draw
+    from refattn.study.draw import draw
     from refattn.patterns.content import sample_inputs
     p = patterns.TopK(2, base=patterns.Causal())
     args = ["show", "topk", "--lq", "12", "--lk", "20", "--param", "k=2", "--param", 'base={"name": "causal"}']
@@ -202,7 +202,7 @@ def test_show_content_dependent_pattern_draws_its_inputs_from_seed(capsys):
 
 
 def test_paths_content_dependent_pattern(capsys):
-    from refattn import analysis
+    from refattn.study import analysis
     from refattn.patterns.content import sample_inputs
     rc, out, err = run_cli(capsys, "paths", "--pattern", "moba", "--param", "block=2", "--param", "top_k=2",
                            "--n", "16", "--from", "0", "--to", "15", "--seed", "4")
@@ -218,7 +218,7 @@ def test_missing_pattern_parameters_are_a_clean_error(capsys):
 
 
 def test_show_heads_and_png(capsys, tmp_path):
-    from refattn.draw import draw
+    from refattn.study.draw import draw
     path = tmp_path / "m.png"
     rc, out, _ = run_cli(capsys, "show", "random", "--lq", "12", "--param", "per_row=2", "--heads", "3",
                          "--head", "2", "--png", str(path))

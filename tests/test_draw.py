@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from refattn import Mask, RefattnError, patterns
-from refattn.draw import draw, picture, png_bytes, write_png
+from refattn.study.draw import draw, picture, png_bytes, write_png
 
 
 def test_cells(rng):

@@ -10,8 +10,8 @@ import pytest
 
 import refattn
 from refattn import RefattnError, patterns
-from refattn.explain import add_explain, cmd_explain
-from refattn.trace import trace
+from refattn.cli.study import add_explain, cmd_explain
+from refattn.study.trace import trace
 
 EXAMPLE = ["--pattern", "sliding_window", "--param", "left=3", "--param", "right=0", "--lq", "16", "--lk", "16",
            "--block", "4", "--row", "7"]
@@ -159,7 +159,7 @@ def test_content_dependent_patterns_choose_from_the_traced_inputs(capsys, name, 
     pat = patterns.get(name, **{p.split("=")[0]: int(p.split("=")[1]) for p in params})
     m = pat.mask(16, 16, q=q, k=k)
     drawn = [line[4:].replace("|", "") for line in section(out, "mask (")[2:] if "-+-" not in line]
-    assert [row.split()[0] for row in drawn] == [refattn.draw.draw(m, h=1).splitlines()[i] for i in range(16)]
+    assert [row.split()[0] for row in drawn] == [refattn.study.draw.draw(m, h=1).splitlines()[i] for i in range(16)]
     t = trace(q, k, v, m, block_q=4, block_k=4)
     assert f"out[8] = O/l = [{t.out[0, 1, 8, 0]:.5f}, {t.out[0, 1, 8, 1]:.5f}" in out
     assert "all 16 rows of every head: out and lse match the oracle: yes" in out

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import refattn
-from refattn import ALiBi, Dropout, Mask, SparseBias, lowp, patterns
+from refattn import ALiBi, Dropout, Mask, SparseBias, patterns
+from refattn.golden import lowp
 from refattn.contract import make_problem
 from refattn.errors import RefattnError
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from refattn import Mask, patterns
-from refattn.model import (
+from refattn.train.model import (
     GELU, Attention, Block, Context, Dropout, LayerNorm, Linear, Stack, keep_mask, saved_bytes,
 )
 

@@ -10,7 +10,7 @@ from refattn import ALiBi, Dropout, RefattnError, patterns
 from refattn.backends import configure, tiled
 from refattn.blocks import FULL, PARTIAL, blocks
 from refattn.contract import make_problem
-from refattn.trace import Recorder, Trace, load, trace
+from refattn.study.trace import Recorder, Trace, load, trace
 
 CASES = [  # (pattern, Lq, Lk, block_q, block_k)
     (patterns.SlidingWindow(left=3, right=0), 16, 16, 4, 4),

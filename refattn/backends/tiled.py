@@ -149,7 +149,7 @@ def _tilings(p: Problem, config):
 
 def forward(p: Problem, config, recorder=None) -> Result:
     """FlashAttention-2, Algorithm 1, per (batch, head) and query block ``I``. A
-    ``recorder`` (`refattn.trace`) is shown each visited tile's state; it changes no number."""
+    ``recorder`` (`refattn.study.trace`) is shown each visited tile's state; it changes no number."""
     dt = np.dtype(config.compute_dtype)
     q, k, v = (x.astype(dt) for x in (p.q, p.k, p.v))
     O = np.zeros((p.batch, p.heads, p.lq, p.dim_v), dt)
@@ -191,7 +191,7 @@ def forward(p: Problem, config, recorder=None) -> Result:
 
 def backward(p: Problem, out, lse, dout, dlse, config, recorder=None) -> Grads:
     """FlashAttention-2, Algorithm 2: key blocks outside, their query blocks inside. A
-    ``recorder`` (`refattn.trace`) is shown ``D`` and each visited tile's ``P``, ``dP``, ``dS``."""
+    ``recorder`` (`refattn.study.trace`) is shown ``D`` and each visited tile's ``P``, ``dP``, ``dS``."""
     dt = np.dtype(config.compute_dtype)
     q, k, v = (x.astype(dt) for x in (p.q, p.k, p.v))
     out, lse, dout = (x.astype(dt) for x in (out, lse, dout))

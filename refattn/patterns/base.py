@@ -14,9 +14,10 @@ from typing import ClassVar
 import numpy as np
 
 from ..alignment import align_offset
-from ..errors import RefattnError
-from ..mask import Mask, _check_dim, _index_dtype
+from ..errors import RefattnError, check_dim
+from ..mask import Mask, _index_dtype
 from ._fill import fill, fill_blocks, fill_two_ranges
+from ._inputs import Inputs
 
 _REGISTRY: dict[str, type[Pattern]] = {}
 
@@ -47,7 +48,6 @@ class Pattern:
             heads = check_int(heads, "heads", 1)
         inputs = None
         if q is not None or k is not None:
-            from .content import Inputs     # content.py builds on this module
             inputs = Inputs.check(q, k, lq, lk, heads, read_values=self.content_dependent)
             if heads is None and q is not None and not inputs.single:
                 heads = q.shape[1]                  # per-head patterns build q's heads
@@ -62,7 +62,7 @@ class Pattern:
         return False
 
     def _mask(self, lq: int, lk: int, heads: int | None, inputs) -> Mask:
-        """`mask` after validation; ``inputs`` is a `content.Inputs` or None. Content-
+        """`mask` after validation; ``inputs`` is an `_inputs.Inputs` or None. Content-
         dependent patterns and composites override this; the rest ignore ``inputs``."""
         return self._build_heads(lq, lk, heads)
 
@@ -162,7 +162,7 @@ def check_bool(value, name: str) -> bool:
 
 
 def check_lengths(lq, lk) -> tuple[int, int]:
-    return _check_dim(lq, "lq"), _check_dim(lk, "lk")
+    return check_dim(lq, "lq"), check_dim(lk, "lk")
 
 
 def _allocate(counts: np.ndarray, lq: int, lk: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,10 @@
 """Traces of the ``tiled`` backend: the online softmax and its backward, tile by tile.
 
-    t = refattn.trace.trace(q, k, v, mask, block_q=4, block_k=4, backward=True, dout=dout)
+    t = refattn.study.trace.trace(q, k, v, mask, block_q=4, block_k=4, backward=True, dout=dout)
     t.query_block(0, 0, 1).steps     # key blocks J of query block I = 1, in order, with their kind
     t.row(0, 0, 7)                    # row 7's running max, sum, rescale and output after each block
     print(t.format_row(0, 0, 7))      # the same as a table
-    t.save("trace.json")              # or .npz; refattn.trace.load reads it back
+    t.save("trace.json")              # or .npz; refattn.study.trace.load reads it back
 
 `trace` runs the real kernel (`refattn.backends.tiled`, in float64) with a `Recorder`,
 which is shown the state of every tile the kernel visits and copies it; the recorder
@@ -20,10 +20,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .attention import _check_grads, _check_result
-from .backends import configure, tiled
-from .contract import HOST, check_backward_inputs, make_problem
-from .errors import RefattnError
+from ..attention import _check_grads, _check_result
+from ..backends import configure, tiled
+from ..contract import HOST, check_backward_inputs, make_problem
+from ..errors import RefattnError
 
 __all__ = ["BackwardTile", "BackwardTrace", "QueryBlockTrace", "Recorder", "TileStep", "Trace",
            "load", "trace"]

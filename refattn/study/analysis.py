@@ -23,8 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse import csgraph
 
-from .errors import RefattnError
-from .mask import Mask
+from ..errors import RefattnError
+from ..mask import Mask
 
 __all__ = ["PAIRS", "MaskStats", "diameter", "hops", "reachability", "stats"]
 

@@ -1,10 +1,10 @@
-"""``refattn explain``: the tiled kernel on a small problem, step by step, in the terminal.
+"""`explain`: the tiled kernel on a small problem, step by step, as text (``refattn explain``).
 
 It draws the mask with the tile grid, the block layout, the key blocks that one query
 block visits, and for one row a table of the online-softmax statistics after each
-block (from `refattn.trace`), ending with the check against the dense oracle; with
-``--backward``, ``D``, the row of ``dS`` per visited block and ``dq`` against the oracle.
-Every line fits 80 columns. ``--png`` draws the mask with the block grid (refattn's own
+block (from `refattn.study.trace`), ending with the check against the dense oracle; with
+``backward``, ``D``, the row of ``dS`` per visited block and ``dq`` against the oracle.
+Every line fits 80 columns. ``png`` draws the mask with the block grid (refattn's own
 PNG writer: no plotting library needed). spec/trace.md describes it.
 """
 # ruff: noqa: E741  (I, J, l, O: the notation of the paper and the spec)
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import textwrap
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import patterns
-from .attention import backward as attention_backward
-from .attention import forward as attention_forward
+from ..attention import backward as attention_backward
+from ..attention import forward as attention_forward
+from ..errors import RefattnError
 from .draw import draw, write_png
-from .errors import RefattnError
 from .trace import num, trace
 
 WIDTH = 80
@@ -32,100 +32,86 @@ MAX_ENTRIES = 1 << 22
 RTOL = ATOL = 1e-12
 
 
-def add_explain(sub) -> None:
-    from .cli import _nonnegative_int, _param, _positive_int
+@dataclass(frozen=True)
+class Explanation:
+    """What `explain` prints, line by line, and whether every check against the oracle held."""
 
-    p = sub.add_parser(
-        "explain", help="the tiled kernel step by step: tiles visited, online softmax of one row",
-        description="Run the tiled backend (FlashAttention-2 in NumPy, float64) with a recorder on "
-        "inputs drawn from numpy.random.default_rng(SEED) (q, k, v standard normal, then dout) and "
-        "print: the mask with its block grid, the block layout (F full, P partial, . empty: never "
-        "visited), the key blocks visited by the chosen row's query block, and for --row a table of "
-        "the running max m, the rescale alpha = exp(m_old - m_new), the running sum l and the "
-        "normalised partial output O/l after each block, ending with the check against the dense "
-        "oracle. --backward adds D = rowsum(dO * O), the row of dS = P * (dP - D) per block and dq. "
-        "A content-dependent pattern (lsh, routing, topk, nsa_select, moba) chooses its keys from "
-        "these q and k. See spec/trace.md.")
-    p.add_argument("--pattern", required=True, help="pattern name (see `refattn patterns`)")
-    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
-                   help="a pattern parameter (JSON value or bare word); repeat for several")
-    p.add_argument("--lq", type=_positive_int, default=16, help="query length (default 16)")
-    p.add_argument("--lk", type=_positive_int, default=None, help="key length (default: --lq)")
-    p.add_argument("--block", type=int, default=4, help="block size block_q (default 4)")
-    p.add_argument("--block-k", type=int, default=None, help="key block size block_k (default: --block)")
-    p.add_argument("--row", type=int, default=None, help="the query row to follow (default: Lq // 2)")
-    p.add_argument("--backward", action="store_true", help="also trace the backward (D, dS, dq)")
-    p.add_argument("--dim", type=_positive_int, default=4, help="head dim D of q, k, v (default 4)")
-    p.add_argument("--heads", type=_positive_int, default=None,
-                   help="number of heads, for patterns that differ per head")
-    p.add_argument("--head", type=_nonnegative_int, default=0, help="which head to follow (default 0)")
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="random seed of the inputs (default 0)")
-    p.add_argument("--max-size", type=_positive_int, default=MAX_PICTURE,
-                   help=f"largest mask side drawn a character per entry, at most {MAX_PICTURE} "
-                   f"(default {MAX_PICTURE}); larger masks are aggregated")
-    p.add_argument("--png", metavar="FILE", default=None,
-                   help="also write the mask with the block grid as a PNG (black allowed, white removed)")
+    lines: tuple[str, ...]
+    ok: bool
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
 
 
-def cmd_explain(args) -> int:
-    lq = args.lq
-    lk = args.lk or lq
-    bq = args.block
-    bk = args.block_k if args.block_k is not None else bq
-    for name, value in (("--block", bq), ("--block-k", bk)):
-        if value < 1:
-            raise RefattnError(f"{name} must be >= 1, got {value}")
+def _positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise RefattnError(f"explain: {name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def explain(pattern, *, lq: int = 16, lk: int | None = None, block_q: int = 4, block_k: int | None = None,
+            row: int | None = None, backward: bool = False, dim: int = 4, heads: int | None = None,
+            head: int = 0, seed: int = 0, max_size: int = MAX_PICTURE, png=None) -> Explanation:
+    """The tiled kernel on one small problem, step by step (spec/trace.md).
+
+    ``pattern`` is a `refattn.patterns.Pattern`. The inputs are drawn from
+    ``numpy.random.default_rng(seed)``: q, k, v standard normal, then dout; a
+    content-dependent pattern chooses its keys from these q and k. The result holds the
+    mask with its block grid, the block layout, the key blocks visited by ``row``'s query
+    block, ``row``'s online-softmax statistics per block checked against the dense oracle,
+    and with ``backward`` its ``D``, ``dS`` per block and ``dq``; ``png`` also writes the
+    mask with the block grid to that path."""
+    lq = _positive(lq, "lq")
+    lk = lq if lk is None else _positive(lk, "lk")
+    bq = _positive(block_q, "block_q")
+    bk = bq if block_k is None else _positive(block_k, "block_k")
+    dim = _positive(dim, "dim")
     if lq * lk > MAX_ENTRIES:
-        raise RefattnError(f"Lq * Lk = {lq * lk}: explain records every tile; keep Lq * Lk <= {MAX_ENTRIES}")
-    row = lq // 2 if args.row is None else args.row
+        raise RefattnError(f"explain: Lq * Lk = {lq * lk}: explain records every tile; keep Lq * Lk <= {MAX_ENTRIES}")
+    row = lq // 2 if row is None else row
     if not 0 <= row < lq:
-        raise RefattnError(f"--row {row} is out of range: the rows are 0 .. {lq - 1}")
-    pat = patterns.get(args.pattern, **dict(args.param))
-    mask = None if pat.content_dependent else pat.mask(lq, lk, heads=args.heads)
-    heads = args.heads or (1 if mask is None else mask.group_shape[1])
-    if args.head >= heads:
-        raise RefattnError(f"--head {args.head} is out of range: this problem has {heads} head(s)")
-    h = args.head
-    rng = np.random.default_rng(args.seed)
-    q = rng.standard_normal((1, heads, lq, args.dim))
-    k = rng.standard_normal((1, heads, lk, args.dim))
-    v = rng.standard_normal((1, heads, lk, args.dim))
-    dout = rng.standard_normal((1, heads, lq, args.dim))
+        raise RefattnError(f"explain: row {row} is out of range: the rows are 0 .. {lq - 1}")
+    mask = None if pattern.content_dependent else pattern.mask(lq, lk, heads=heads)
+    nheads = heads or (1 if mask is None else mask.group_shape[1])
+    if not 0 <= head < nheads:
+        raise RefattnError(f"explain: head {head} is out of range: this problem has {nheads} head(s)")
+    h = head
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((1, nheads, lq, dim))
+    k = rng.standard_normal((1, nheads, lk, dim))
+    v = rng.standard_normal((1, nheads, lk, dim))
+    dout = rng.standard_normal((1, nheads, lq, dim))
     if mask is None:        # a content-dependent pattern chooses its keys from this q and k
-        mask = pat.mask(lq, lk, heads=args.heads, q=q, k=k)
-    t = trace(q, k, v, mask, block_q=bq, block_k=bk, backward=args.backward,
-              dout=dout if args.backward else None)
+        mask = pattern.mask(lq, lk, heads=heads, q=q, k=k)
+    t = trace(q, k, v, mask, block_q=bq, block_k=bk, backward=backward, dout=dout if backward else None)
     oracle = attention_forward(q, k, v, mask)
 
     out: list[str] = []
     emit = out.append
-    head = f" head {h} of {heads}," if heads > 1 else ""
-    for line in textwrap.wrap(f"refattn explain: {pat!r}", WIDTH, subsequent_indent="  "):
+    where = f" head {h} of {nheads}," if nheads > 1 else ""
+    for line in textwrap.wrap(f"refattn explain: {pattern!r}", WIDTH, subsequent_indent="  "):
         emit(line)
-    emit(f"Lq={lq} Lk={lk} D={args.dim},{head} blocks {bq} x {bk}; q, k, v ~ N(0, 1), seed {args.seed}")
+    emit(f"Lq={lq} Lk={lk} D={dim},{where} blocks {bq} x {bk}; q, k, v ~ N(0, 1), seed {seed}")
     emit("")
-    out.extend(_mask_section(mask, h, bq, bk, min(args.max_size, MAX_PICTURE), row))
+    out.extend(_mask_section(mask, h, bq, bk, min(max_size, MAX_PICTURE), row))
     emit("")
     out.extend(_layout_section(t, h, row))
     emit("")
     out.extend(_visits_section(t, h, row))
     emit("")
-    ok = True
-    lines, good = _row_section(t, oracle, h, row)
+    lines, ok = _row_section(t, oracle, h, row)
     out.extend(lines)
-    ok &= good
-    if args.backward:
+    if backward:
         emit("")
         lines, good = _backward_section(t, q, k, v, mask, oracle, dout, h, row)
         out.extend(lines)
         ok &= good
-    if args.png:
-        width, height = write_png(mask, args.png, h=h, grid=(bq, bk))
+    if png is not None:
+        width, height = write_png(mask, png, h=h, grid=(bq, bk))
         grid = "with the block grid" if max(lq, lk) <= 256 else "too large for a block grid"
         emit("")
-        emit(f"wrote {args.png} ({width} x {height} pixels, {grid})")
-    print("\n".join(out))
-    return 0 if ok else 1
+        emit(f"wrote {png} ({width} x {height} pixels, {grid})")
+    return Explanation(tuple(out), bool(ok))
 
 
 # ---- sections ------------------------------------------------------------------------------

@@ -62,9 +62,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
-from .attention import backward as _attention_backward
-from .attention import forward as _attention_forward
-from .mask import Mask
+from ..attention import backward as _attention_backward
+from ..attention import forward as _attention_forward
+from ..mask import Mask
 
 __all__ = [
     "GELU", "Attention", "Block", "Context", "Dropout", "LayerNorm", "Linear", "Module", "Stack",

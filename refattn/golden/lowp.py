@@ -83,10 +83,10 @@ import ml_dtypes
 import numpy as np
 import scipy.sparse as sp
 
-from .alignment import align_offset
-from .bias import ALiBi, SparseBias
-from .contract import DenseBias, Grads, Problem, Result, check_backward_inputs, dbias_result
-from .errors import RefattnError
+from ..alignment import align_offset
+from ..bias import ALiBi, SparseBias
+from ..contract import DenseBias, Grads, Problem, Result, check_backward_inputs, dbias_result
+from ..errors import RefattnError
 
 #: The compute dtypes of the model.
 DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
@@ -562,7 +562,7 @@ def _naive_backward(c: _Ctx, fw: _Forward, dout, dlse) -> Grads:
         g = _backward(c, fw, dout, dlse)
     for name in ("dq", "dk", "dv"):
         _check_finite(name, getattr(g, name), c.f)
-    for leaf in _leaves(g.dbias):
+    for leaf in leaves(g.dbias):
         _check_finite("dbias", leaf, c.f)
     return g
 
@@ -583,7 +583,7 @@ def naive_backward(p: Problem, out, lse, dout, dlse, dtype) -> Grads:
     return _naive_backward(c, _naive_forward(c), dout, dlse)
 
 
-def _leaves(x) -> list:
+def leaves(x) -> list:
     if x is None:
         return []
     if isinstance(x, np.ndarray):
@@ -611,5 +611,5 @@ def baseline_errors(p: Problem, out_gold, lse_gold, grads_gold, dout, dlse, dtyp
     errors = {"out": err(r.out, out_gold), "lse": err(r.lse[finite], lse_gold[finite]),
               "dq": err(g.dq, grads_gold.dq), "dk": err(g.dk, grads_gold.dk), "dv": err(g.dv, grads_gold.dv)}
     if g.dbias is not None:
-        errors["dbias"] = max(err(a, b) for a, b in zip(_leaves(g.dbias), _leaves(grads_gold.dbias)))
+        errors["dbias"] = max(err(a, b) for a, b in zip(leaves(g.dbias), leaves(grads_gold.dbias)))
     return errors

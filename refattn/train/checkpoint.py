@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .errors import RefattnError
+from ..errors import RefattnError
+from .model import saved_bytes
 
 VERBS = ("advance", "snapshot", "restore", "tape", "backward", "free")
 
@@ -237,11 +238,9 @@ def run(layers, actions: list[Action], x, ctx, dloss, *, save: str = "all", nbyt
 
     ``dloss(y) -> dy`` gives the gradient of the loss at the stack's output. ``save`` is
     passed to each layer's forward ("all", or "selective"). ``nbytes(obj)`` counts the
-    bytes of a saved dict or an array (default `refattn.model.saved_bytes`)."""
+    bytes of a saved dict or an array (default `refattn.train.model.saved_bytes`)."""
     n = len(layers)
     validate(actions, n)
-    from .model import saved_bytes
-
     size = nbytes or saved_bytes
     ledger = Ledger(forward_calls=[0] * n)
     kept, taped = {}, {}

@@ -8,8 +8,8 @@ import zlib
 
 import numpy as np
 
-from .errors import RefattnError
-from .mask import Mask
+from ..errors import RefattnError
+from ..mask import Mask
 
 
 def _block_counts(mask: Mask, max_size: int, b: int, h: int, what: str):

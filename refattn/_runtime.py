@@ -1,0 +1,191 @@
+"""What refattn does to the process it runs in: where its caches go, and what it says
+on stderr while a user waits.
+
+* **Caches go to a per-user folder**, `user_cache_dir` (``$XDG_CACHE_HOME/refattn``, else
+  ``~/.cache/refattn``), never into the installed package. Numba caches a ``cache=True``
+  function beside its source (``__pycache__``) whenever that folder is writable, which for
+  an installed package is ``site-packages/refattn/``: files pip does not own, left behind
+  by ``pip uninstall`` as a folder without ``__init__.py`` that then imports as a namespace
+  package and hides a later editable install. `install_numba_cache_locator` sends refattn's
+  own functions to ``user_cache_dir()/numba`` instead; when ``NUMBA_CACHE_DIR`` is set,
+  Numba's own rule applies and they go there. Other libraries' functions are not touched.
+* **A first run talks.** Compiling refattn's kernels takes seconds to minutes the first
+  time on a machine; `install_compile_notice` says so once per kernel on stderr, with what
+  it is and that it happens once. `notice` is the one way refattn writes such a line;
+  ``REFATTN_QUIET=1`` silences them all.
+
+`refattn/__init__.py` calls both installers before any module defines a Numba function.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+#: The package's own folder: functions defined under it are refattn's.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_cache_dir() -> str:
+    """refattn's per-user cache folder: ``$XDG_CACHE_HOME/refattn``, else ``~/.cache/refattn``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "refattn")
+
+
+def numba_cache_dir() -> str:
+    """Where Numba keeps refattn's compiled functions: ``NUMBA_CACHE_DIR`` when set (Numba's
+    rule), else ``user_cache_dir()/numba``."""
+    from numba.core import config
+
+    return config.CACHE_DIR or os.path.join(user_cache_dir(), "numba")
+
+
+def quiet() -> bool:
+    """Whether ``REFATTN_QUIET`` asks refattn to print no notices."""
+    return os.environ.get("REFATTN_QUIET", "") not in ("", "0")
+
+
+def notice(message: str) -> None:
+    """One line on stderr, ``refattn: MESSAGE``, unless `quiet`."""
+    if quiet():
+        return
+    try:
+        sys.stderr.write(f"refattn: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):   # a closed or broken stderr: a notice is never worth a failure
+        pass
+
+
+def _is_refattn_file(path: str) -> bool:
+    try:
+        return os.path.commonpath([os.path.abspath(path), _PACKAGE_DIR]) == _PACKAGE_DIR
+    except ValueError:              # another drive (Windows)
+        return False
+
+
+def install_numba_cache_locator() -> bool:
+    """Put refattn's Numba cache in `numba_cache_dir` (see the module docstring). Returns
+    False when this Numba has no locator list to extend (its default rule then applies)."""
+    from numba.core import caching, config
+
+    impl = getattr(caching, "CacheImpl", None)
+    base = getattr(caching, "_CacheLocator", None)
+    mixin = getattr(caching, "_SourceFileBackedLocatorMixin", None)
+    if impl is None or base is None or mixin is None or not isinstance(getattr(impl, "_locator_classes", None), list):
+        return False
+    if any(getattr(c, "_refattn", False) for c in impl._locator_classes):
+        return True
+
+    class RefattnCacheLocator(mixin, base):
+        """refattn's functions, cached under ``user_cache_dir()/numba``."""
+
+        _refattn = True
+
+        def __init__(self, py_func, py_file):
+            self._py_file = py_file
+            self._lineno = py_func.__code__.co_firstlineno
+            # one folder per installed copy (Numba's rule: the source folder, hashed)
+            self._cache_path = os.path.join(user_cache_dir(), "numba", self.get_suitable_cache_subpath(py_file))
+
+        def get_cache_path(self):
+            return self._cache_path
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if config.CACHE_DIR or not _is_refattn_file(py_file):
+                return None         # NUMBA_CACHE_DIR, or not ours: Numba's own locators decide
+            return super().from_function(py_func, py_file)
+
+    impl._locator_classes.insert(0, RefattnCacheLocator)
+    return True
+
+
+#: What a first compile of each of refattn's Numba modules is, and how long it took on the
+#: project's 2-core machines (measured cold; README, "Set up").
+_COMPILING = {
+    "refattn.backends.cpu": ("the cpu backend's {dtype} {kernel} kernel", "20 to 60 s"),
+    "refattn.patterns._fill": ("the pattern builders' {kernel}", "a few seconds"),
+    "refattn.patterns._dots": ("the content patterns' dot products", "a few seconds"),
+    "refattn.patterns._draw": ("the seeded draws of the random patterns", "a few seconds"),
+    "refattn._csr_merge": ("the mask set operations", "a few seconds"),
+    "refattn._tiles": ("the block layouts' tile counts", "a few seconds"),
+}
+
+
+def _float_dtype(args) -> str:
+    """The first floating dtype among a compile's argument types ("float64" if none)."""
+    for t in args or ():
+        dtype = getattr(t, "dtype", None)
+        name = str(dtype) if dtype is not None else ""
+        if name in ("float32", "float64"):
+            return name
+    return "float64"
+
+
+def _describe(dispatcher, args) -> tuple[str, str] | None:
+    py_func = getattr(dispatcher, "py_func", None)
+    module = getattr(py_func, "__module__", "") or ""
+    entry = _COMPILING.get(module)
+    if entry is None:
+        return None
+    what, how_long = entry
+    kernel = getattr(py_func, "__name__", "kernel").strip("_").replace("_", " ")
+    return what.format(dtype=_float_dtype(args), kernel=kernel), how_long
+
+
+class _CompileNotice:
+    """Says, once per compiled function and process, that refattn is compiling it.
+
+    Only the outermost compile of a refattn function speaks: the functions it calls are
+    compiled inside it, and their time is part of its wait."""
+
+    def __init__(self):
+        self._depth = threading.local()
+
+    def on_start(self, event):
+        depth = getattr(self._depth, "n", 0)
+        self._depth.n = depth + 1
+        if depth:
+            return
+        data = event.data or {}
+        described = _describe(data.get("dispatcher"), data.get("args"))
+        if described is None:
+            return
+        what, how_long = described
+        notice(f"compiling {what} with Numba: once per machine, {how_long}; "
+               f"cached in {numba_cache_dir()}")
+
+    def on_end(self, event):
+        self._depth.n = max(getattr(self._depth, "n", 1) - 1, 0)
+
+
+def install_compile_notice() -> bool:
+    """Register the compile notice with Numba's event API (``numba:compile``); False if
+    this Numba has no such API."""
+    try:
+        from numba.core import event
+    except ImportError:
+        return False
+    if not hasattr(event, "register") or not hasattr(event, "Listener"):
+        return False
+    global _LISTENER
+    if _LISTENER is not None:
+        return True
+
+    class Listener(event.Listener):
+        def __init__(self, notice_):
+            self._notice = notice_
+
+        def on_start(self, ev):
+            self._notice.on_start(ev)
+
+        def on_end(self, ev):
+            self._notice.on_end(ev)
+
+    _LISTENER = Listener(_CompileNotice())
+    event.register("numba:compile", _LISTENER)
+    return True
+
+
+_LISTENER = None

@@ -1,0 +1,90 @@
+"""``refattn golden``: generate, check or list the golden suite (spec/golden-format.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .. import golden
+from ..errors import RefattnError
+from ._common import Progress, RowPrinter, text_table
+
+#: How ``check`` and ``verify`` find a suite when none is named (`refattn.golden.locate`).
+SUITE_RULE = ("the suite's folder, holding manifest.json (default: $REFATTN_GOLDEN, else ./golden, else the "
+              "source checkout's golden/, else the built-in suite generated once into the user cache)")
+
+
+def add_golden(sub) -> None:
+    p = sub.add_parser("golden", help="the golden suite: generate, check or list its cases",
+                       description="The golden suite (spec/golden-format.md): test vectors for other "
+                       "attention implementations.")
+    gsub = p.add_subparsers(dest="golden_command", metavar="ACTION")
+    gsub.required = True
+    g = gsub.add_parser("generate", help="compute the cases and write them with a manifest",
+                        description="Compute every case (or the --filter ones) from its seed by two "
+                        "independent routes, and write cases/*.npz and manifest.json.")
+    g.add_argument("--out", default="golden", help="folder to write (default: golden)")
+    g.add_argument("--filter", default=None, metavar="EXPR",
+                   help="comma-separated shell patterns over case ids, e.g. 'pattern-*,feature-gqa'")
+    c = gsub.add_parser("check", help="verify a suite's checksums and regenerate it",
+                        description="Check each case file's size and SHA-256 against the manifest, then "
+                        "regenerate the case from its seed: inputs must be equal, outputs within the "
+                        "manifest's agreement bound. Prints a row per case as it is checked; exits 0 "
+                        "only if every case passes.")
+    c.add_argument("dir", nargs="?", default=None, metavar="DIR", help=SUITE_RULE)
+    c.add_argument("--golden", default=None, metavar="DIR", help="the same as DIR")
+    c.add_argument("--filter", default=None, metavar="EXPR", help="check only these cases (as generate)")
+    ls = gsub.add_parser("list", help="list the suite's cases", description="List the cases of the suite.")
+    ls.add_argument("--filter", default=None, metavar="EXPR", help="list only these cases (as generate)")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def cmd_golden(args) -> int:
+    if args.golden_command == "list":
+        return _list(args)
+    if args.golden_command == "generate":
+        manifest = golden.generate(args.out, args.filter, progress=Progress())
+        total = sum(e["bytes"] for e in manifest["cases"])
+        print(f"wrote {len(manifest['cases'])} case(s), {total / 2**20:.1f} MiB, to {args.out}/ "
+              f"(manifest.json, cases/)")
+        return 0
+    return _check(args)
+
+
+def _list(args) -> int:
+    cases = golden.select(golden.suite(), args.filter)
+    rows = [{"id": c.id, "group": c.group, "pattern": c.pattern.to_dict()["name"] if c.pattern else "explicit",
+             "shape": "B{B} H{H}/{Hkv} Lq{Lq} Lk{Lk} D{D}/{Dv}".format(**c.shape),
+             "features": ",".join(c.features) or "-"} for c in cases]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        if rows:
+            print(text_table(list(rows[0]), [list(r.values()) for r in rows]))
+        print(f"{len(rows)} case(s)")
+    return 0
+
+
+def _check(args) -> int:
+    if args.dir is not None and args.golden is not None and args.dir != args.golden:
+        raise RefattnError(f"name the suite once: DIR {args.dir!r} and --golden {args.golden!r} differ")
+    gdir = golden.resolve_golden_dir(args.dir if args.dir is not None else args.golden)
+    entries = golden.select_entries(golden.load_manifest(gdir)["cases"], args.filter, str(gdir))
+    print(f"refattn golden check: {len(entries)} case(s) of {gdir}: checksums, then each case regenerated "
+          f"from its seed by routes {' and '.join(golden.ROUTES)}", flush=True)
+    by_id = {c.id: c for c in golden.suite()}
+    ids = [e.get("id", "?") if isinstance(e, dict) else "?" for e in entries]
+    table = RowPrinter(["status", "case", "time s", "note"], [6, max(map(len, ids), default=4), 6, 0])
+    progress = Progress(lines_when_piped=False)
+    failed = 0
+    for i, (cid, entry) in enumerate(zip(ids, entries)):
+        progress(i, len(entries), cid)
+        t0 = time.perf_counter()
+        r = golden.check_case(gdir, entry, by_id)
+        progress.clear()
+        failed += not r.ok
+        table.row(["pass" if r.ok else "FAIL", cid, f"{time.perf_counter() - t0:.2f}", "" if r.ok else r.message])
+    progress(len(entries), len(entries), "")
+    passed = len(entries) - failed
+    print(f"{passed} of {len(entries)} case(s) pass" + ("" if failed else "; the suite is intact"))
+    return 0 if entries and not failed else 1

@@ -1,0 +1,94 @@
+"""From the suite's float64 BHSD arrays to what an implementation takes, and back.
+
+The mask is rebuilt from the case file's CSR arrays and handed over in the form the
+implementation declares; inputs are cast to the verified dtype (exactly: golden inputs lie
+on a grid every dtype holds) and laid out as it asks; outputs come back as float64 BHSD.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import RefattnError
+from ..mask import Mask
+
+LAYOUTS = ("bhsd", "bshd")
+FRAMEWORKS = ("numpy", "torch")
+
+
+def rebuild_mask(arrays: dict, entry: dict) -> Mask:
+    bm, hm = entry["mask"]["groups"]
+    lq, lk = entry["shape"]["Lq"], entry["shape"]["Lk"]
+    indptr, indices, offsets = arrays["mask_indptr"], arrays["mask_indices"], arrays["mask_offsets"]
+    def group(g: int) -> Mask:
+        cols = indices[offsets[g]:offsets[g + 1]]
+        return Mask.from_csr(sp.csr_array((np.ones(cols.shape[0], bool), cols, indptr[g]), shape=(lq, lk)))
+    groups = [[group(b * hm + h) for h in range(hm)] for b in range(bm)]
+    return groups[0][0] if (bm, hm) == (1, 1) else Mask.stack(groups)
+
+
+def per_bh_dense(values: np.ndarray, offsets: np.ndarray, mask: Mask, B: int, H: int, dtype) -> np.ndarray:
+    """Values on each (b, h)'s nonzeros (CSR order) as a dense ``(B, H, Lq, Lk)`` array, 0 elsewhere."""
+    lq, lk = mask.matrix_shape
+    out = np.zeros((B, H, lq, lk), dtype)
+    for b in range(B):
+        for h in range(H):
+            csr = mask.group(b, h)
+            rows = np.repeat(np.arange(lq), np.diff(csr.indptr))
+            out[b, h, rows, csr.indices] = values[offsets[b * H + h]:offsets[b * H + h + 1]]
+    return out
+
+
+def is_causal_top_left(mask: Mask) -> bool | None:
+    """True for the top-left causal mask, False for the dense one, None otherwise."""
+    lq, lk = mask.matrix_shape
+    if mask.group_shape != (1, 1):
+        return None
+    if mask == Mask.full(lq, lk):
+        return False
+    tril = Mask.from_dense(np.tril(np.ones((lq, lk), bool)))
+    return True if mask == tril else None
+
+
+def to_dtype(x: np.ndarray, dtype: str):
+    import ml_dtypes
+
+    return x.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
+
+
+class Frame:
+    """Conversions between the suite's float64 BHSD arrays and what the implementation takes."""
+
+    def __init__(self, framework: str, layout: str, dtype: str):
+        self.framework, self.layout, self.dtype = framework, layout, dtype
+        if framework == "torch":
+            try:
+                import torch
+            except ImportError:
+                raise RefattnError("--framework torch: torch is not installed") from None
+            self.torch = torch
+
+    def tensor(self, x: np.ndarray, *, seq: bool = False, cast: bool = True):
+        """An input: cast to the dtype (exact: the golden inputs are on the grid), in the layout."""
+        if seq and self.layout == "bshd":
+            x = np.ascontiguousarray(np.swapaxes(x, 1, 2))
+        if self.framework == "torch":
+            torch = self.torch
+            if x.dtype == bool:
+                return torch.from_numpy(x.copy())
+            t = torch.from_numpy(np.asarray(x, np.float64).copy())
+            return t.to(getattr(torch, self.dtype)) if cast else t
+        return to_dtype(x, self.dtype) if cast and x.dtype != bool else x
+
+    def back(self, x, *, seq: bool = False) -> np.ndarray:
+        """An output as a float64 BHSD NumPy array (exact)."""
+        if x is None:
+            return None
+        if self.framework == "torch" and isinstance(x, self.torch.Tensor):
+            x = x.detach().to("cpu")
+            x = (x.to(self.torch.float64) if x.is_floating_point() else x).numpy()
+        x = np.asarray(x).astype(np.float64)
+        if seq and self.layout == "bshd":
+            x = np.swapaxes(x, 1, 2)
+        return x

@@ -1,0 +1,155 @@
+"""Verify a third-party attention implementation against the golden suite.
+
+The calling convention (spec/verify.md) in short. An implementation is a forward function
+
+    forward(q, k, v, *, mask, scale, [softcap], [bias], [alibi_slopes, alibi_align],
+            [dropout_p, dropout_keep]) -> out | (out, lse) | {"out": ..., "lse": ...}
+
+and optionally a backward function
+
+    backward(q, k, v, out, lse, dout, *, mask, scale, ..., [dlse]) -> (dq, dk, dv[, dbias]) | dict
+
+Arrays are in the layout ``bhsd`` (default) or ``bshd`` and in the verified dtype, as
+NumPy arrays or, with ``framework="torch"``, torch tensors. Keyword arguments the case
+does not use are not passed; a case that needs one the function does not accept, or a
+mask form it cannot take, is *unsupported* (never passed). The function declares the
+mask form it takes with an attribute ``mask_form``: ``"csr"`` (a `refattn.Mask`),
+``"dense"`` (a boolean ``(Bm, Hm, Lq, Lk)`` array, the default), ``"flex"`` (a
+`refattn.blocks.FlexBlockArrays` with ``block_size`` from the attribute ``flex_block``,
+plus the dense array as ``mask_dense``) or ``"causal"`` (``mask`` is a bool: causal with
+the top-left alignment, as ``is_causal`` in PyTorch; other masks are unsupported). It may
+also raise `Unsupported` itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import golden
+from ..errors import RefattnError
+from .frame import FRAMEWORKS, LAYOUTS, Frame, is_causal_top_left, per_bh_dense, rebuild_mask
+from .impl import Impl, Unsupported, accepts, failure, outputs
+from .verdict import CaseVerdict, compare
+
+DTYPES = golden.INPUT_DTYPES
+
+
+def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", layout: str = "bhsd",
+                framework: str = "numpy") -> CaseVerdict:
+    """Run ``impl`` on one case and judge it (spec/tolerance.md)."""
+    cid = entry["id"]
+    arrays = golden.read_case(Path(golden_dir) / entry["file"])
+    frame = Frame(framework, layout, dtype)
+    mask = rebuild_mask(arrays, entry)
+    s = entry["shape"]
+    B, H = s["B"], s["H"]
+    kwargs: dict = {"scale": entry["scale"]}
+    form = impl.mask_form
+    if form == "csr":
+        kwargs["mask"] = mask
+    elif form == "causal":
+        causal = is_causal_top_left(mask)
+        if causal is None:
+            return CaseVerdict(cid, "unsupported", "mask is neither dense nor top-left causal")
+        kwargs["mask"] = causal
+    else:
+        dense = mask.to_dense()
+        dense = dense.reshape((1, 1) + dense.shape) if dense.ndim == 2 else dense
+        if form == "flex":
+            kwargs["mask"] = mask.to_flex_block_mask(getattr(impl.forward, "flex_block", 128), batch=B, heads=H)
+            kwargs["mask_dense"] = frame.tensor(dense)
+        else:
+            kwargs["mask"] = frame.tensor(dense)
+    if entry["softcap"] is not None:
+        kwargs["softcap"] = entry["softcap"]
+    bias = entry["bias"]
+    if bias is not None and bias["kind"] == "dense":
+        kwargs["bias"] = frame.tensor(arrays["bias"])
+    elif bias is not None and bias["kind"] == "sparse":
+        kwargs["bias"] = frame.tensor(per_bh_dense(arrays["bias_values"], arrays["bias_offsets"], mask, B, H,
+                                                    np.float64))
+    elif bias is not None:
+        kwargs["alibi_slopes"] = frame.tensor(arrays["alibi_slopes"], cast=False)
+        kwargs["alibi_align"] = bias["align"]
+    if entry["dropout_p"] is not None:
+        kwargs["dropout_p"] = entry["dropout_p"]
+        kwargs["dropout_keep"] = frame.tensor(per_bh_dense(arrays["dropout_keep"], arrays["dropout_offsets"],
+                                                            mask, B, H, np.uint8).astype(bool))
+    fixed = {"scale", "mask"}
+    missing = set(kwargs) - fixed - accepts(impl.forward, set(kwargs) - fixed)
+    if missing:
+        return CaseVerdict(cid, "unsupported", f"forward takes no {', '.join(sorted(missing))}")
+    q, k, v = (frame.tensor(arrays[n], seq=True) for n in ("q", "k", "v"))
+    allowed = entry["allowed"][dtype]
+    empty_rows = np.stack([mask.row_counts(b, h) == 0 for b in range(B) for h in range(H)]).reshape(B, H, -1)
+    try:
+        got = outputs(impl.forward(q, k, v, **kwargs), ("out", "lse"))
+    except Unsupported as e:
+        return CaseVerdict(cid, "unsupported", str(e) or "forward raised Unsupported")
+    except Exception as e:  # the implementation's own failure is a verdict, not a crash
+        message, tb = failure(e, impl.forward, "forward")
+        return CaseVerdict(cid, "error", message, traceback=tb)
+    out, lse = frame.back(got["out"], seq=True), frame.back(got["lse"])
+    verdicts = [compare("out", out, arrays["out"], allowed["out"], empty_rows),
+                compare("lse", lse, arrays["lse"], allowed["lse"], None)]
+    if impl.backward is not None:
+        bkw = dict(kwargs)
+        if entry["dlse"]:
+            bkw["dlse"] = frame.tensor(arrays["dlse"])
+            if "dlse" not in accepts(impl.backward, {"dlse"}):
+                return CaseVerdict(cid, "unsupported", "backward takes no dlse", verdicts)
+        # the forward's own LSE; the golden one (in the dtype) when the forward gives none
+        lse_in = got["lse"] if got["lse"] is not None else frame.tensor(arrays["lse"])
+        try:
+            g = outputs(impl.backward(q, k, v, got["out"], lse_in, frame.tensor(arrays["dout"], seq=True), **bkw),
+                         ("dq", "dk", "dv", "dbias"))
+        except Unsupported as e:
+            return CaseVerdict(cid, "unsupported", str(e) or "backward raised Unsupported", verdicts)
+        except Exception as e:
+            message, tb = failure(e, impl.backward, "backward")
+            return CaseVerdict(cid, "error", message, verdicts, traceback=tb)
+        for name in ("dq", "dk", "dv"):
+            verdicts.append(compare(name, frame.back(g[name], seq=True), arrays[name], allowed[name],
+                                     empty_rows if name == "dq" else None))
+        if bias is not None:
+            dbias = frame.back(g["dbias"])
+            if dbias is not None and bias["kind"] == "sparse":   # the gradient on the mask's nonzeros
+                dbias = np.concatenate([dbias[b, h][mask.group(b, h).toarray()] for b in range(B)
+                                        for h in range(H)]) if dbias.ndim == 4 else dbias
+                gold = arrays["dbias_values"]
+            else:
+                gold = arrays.get("dbias")
+            verdicts.append(compare("dbias", dbias, gold, allowed["dbias"], None))
+    failed = next((t for t in verdicts if not t.ok), None)
+    return CaseVerdict(cid, "fail" if failed else "pass", "", verdicts)
+
+
+def plan(golden_dir=None, dtype: str = "float32", expr: str | None = None, layout: str = "bhsd",
+         framework: str = "numpy") -> tuple[Path, list[dict]]:
+    """The suite's folder (``golden_dir``, else the rule of `refattn.golden.locate`) and its
+    manifest entries selected by ``expr``, after checking the run's options."""
+    if dtype not in DTYPES:
+        raise RefattnError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    if layout not in LAYOUTS:
+        raise RefattnError(f"--layout must be one of {LAYOUTS}, got {layout!r}")
+    if framework not in FRAMEWORKS:
+        raise RefattnError(f"--framework must be one of {FRAMEWORKS}, got {framework!r}")
+    gdir = golden.resolve_golden_dir(golden_dir)
+    return gdir, golden.select_entries(golden.load_manifest(gdir)["cases"], expr, str(gdir))
+
+
+def verify(impl: Impl, golden_dir=None, dtype: str = "float32", expr: str | None = None,
+           layout: str = "bhsd", framework: str = "numpy", progress=None) -> list[CaseVerdict]:
+    """Every (selected) case of the suite in ``golden_dir`` (default: `refattn.golden.locate`'s
+    rule). ``progress(i, n, case_id)`` is called before each case and once at the end."""
+    gdir, entries = plan(golden_dir, dtype, expr, layout, framework)
+    results = []
+    for i, entry in enumerate(entries):
+        if progress is not None:
+            progress(i, len(entries), entry["id"])
+        results.append(verify_case(impl, gdir, entry, dtype, layout, framework))
+    if progress is not None:
+        progress(len(entries), len(entries), "")
+    return results
