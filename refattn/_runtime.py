@@ -101,47 +101,50 @@ def install_numba_cache_locator() -> bool:
     return True
 
 
-#: What a first compile of each of refattn's Numba modules is, and how long it took on the
-#: project's 2-core machines (measured cold; README, "Set up").
-_COMPILING = {
-    "refattn.backends.cpu": ("the cpu backend's {dtype} {kernel} kernel", "20 to 60 s"),
-    "refattn.patterns._fill": ("the pattern builders' {kernel}", "a few seconds"),
-    "refattn.patterns._dots": ("the content patterns' dot products", "a few seconds"),
-    "refattn.patterns._draw": ("the seeded draws of the random patterns", "a few seconds"),
-    "refattn._csr_merge": ("the mask set operations", "a few seconds"),
-    "refattn._tiles": ("the block layouts' tile counts", "a few seconds"),
+#: The slow first compiles, by the compiled function's module and name: what is compiled
+#: and how long it took with a cold cache on the project's 2-core CI machine (README,
+#: "Set up"). A kernel's backward is three functions compiled in a row: one notice.
+_SLOW = {
+    ("refattn.backends.cpu", "_forward_kernel"): ("the cpu backend's {dtype} forward kernel", "about 6 s"),
+    ("refattn.backends.cpu", "_rowdot_kernel"): ("the cpu backend's {dtype} backward kernels", "about 25 s"),
+    ("refattn.backends.cpu", "_dq_kernel"): ("the cpu backend's {dtype} backward kernels", "about 25 s"),
+    ("refattn.backends.cpu", "_dkdv_kernel"): ("the cpu backend's {dtype} backward kernels", "about 25 s"),
 }
+#: Every other refattn function: one notice for all of them, at the first one compiled.
+_OTHERS = ("refattn's mask and pattern kernels", "up to 2 s each, as each is first used")
 
 
 def _float_dtype(args) -> str:
     """The first floating dtype among a compile's argument types ("float64" if none)."""
     for t in args or ():
-        dtype = getattr(t, "dtype", None)
-        name = str(dtype) if dtype is not None else ""
+        name = str(getattr(t, "dtype", ""))
         if name in ("float32", "float64"):
             return name
     return "float64"
 
 
 def _describe(dispatcher, args) -> tuple[str, str] | None:
+    """``(what, how long)`` for a compile of one of refattn's functions, else None."""
     py_func = getattr(dispatcher, "py_func", None)
     module = getattr(py_func, "__module__", "") or ""
-    entry = _COMPILING.get(module)
-    if entry is None:
+    if module != "refattn" and not module.startswith("refattn."):
         return None
-    what, how_long = entry
-    kernel = getattr(py_func, "__name__", "kernel").strip("_").replace("_", " ")
-    return what.format(dtype=_float_dtype(args), kernel=kernel), how_long
+    slow = _SLOW.get((module, getattr(py_func, "__name__", "")))
+    if slow is None:
+        return _OTHERS
+    what, how_long = slow
+    return what.format(dtype=_float_dtype(args)), how_long
 
 
 class _CompileNotice:
-    """Says, once per compiled function and process, that refattn is compiling it.
+    """Says, once per process and kind of kernel, that refattn is compiling it.
 
     Only the outermost compile of a refattn function speaks: the functions it calls are
     compiled inside it, and their time is part of its wait."""
 
     def __init__(self):
         self._depth = threading.local()
+        self._said: set[str] = set()
 
     def on_start(self, event):
         depth = getattr(self._depth, "n", 0)
@@ -153,8 +156,10 @@ class _CompileNotice:
         if described is None:
             return
         what, how_long = described
-        notice(f"compiling {what} with Numba: once per machine, {how_long}; "
-               f"cached in {numba_cache_dir()}")
+        if what in self._said:
+            return
+        self._said.add(what)
+        notice(f"compiling {what} with Numba: once per machine ({how_long}), then cached in {numba_cache_dir()}")
 
     def on_end(self, event):
         self._depth.n = max(getattr(self._depth, "n", 1) - 1, 0)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..attention import backward as _backward
 from ..attention import forward as _forward
+from .._runtime import notice
 from ..bias import ALiBi
 
 _COMPUTE = {"float64": "float64", "float32": "float32"}
@@ -111,6 +112,8 @@ def flex(q, k, v, *, mask, mask_dense, scale, softcap=None, bias=None):
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     if "fn" not in _FLEX:
+        notice("compiling FlexAttention with torch.compile for each new shape (about 20 s the first time in a "
+               "process, seconds after; torch's inductor cache keeps them)")
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     fm = mask
     dense = mask_dense.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).contiguous()
