@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..attention import backward as _refattn_backward
 from ..attention import forward as _refattn_forward
 from ..mask import Mask

@@ -46,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__, backends
+from .. import backends
+from .._version import __version__
 from ..attention import backward, forward
 from ..errors import RefattnError
 from . import (FLOP_CONVENTION, MODES, TOLERANCE, BenchMask, Outputs, Timing, compare, compiled_flex, cpu_model,

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from .. import __version__
+from .._version import __version__
 from ..errors import RefattnError
 from ._common import checksum
 from .bench import add_bench, cmd_bench

@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 
-from .. import __version__, backends, patterns
+from .. import backends, patterns
+from .._version import __version__
 from ..alignment import ALIGNMENTS, DEFAULT_ALIGN
 from ..attention import backward, forward
 from ..errors import RefattnError
