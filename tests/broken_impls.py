@@ -171,3 +171,26 @@ def crashes_on_gqa(q, k, v, *, mask, scale, **kw):
     if q.shape[1] != k.shape[1]:
         raise KernelCrash("no GQA in this kernel")
     return _fwd(q, k, v, mask=mask, scale=scale, **kw)
+
+
+def _deep_helper(n: int):
+    raise KernelCrash("a message longer than a table cell, over two lines:\n"
+                      f"the tile loop ran past key block {n} of a sequence that has only {n - 1} of them")
+
+
+@_csr
+def crashes_in_a_helper(q, k, v, *, mask, scale, **kw):
+    """Raises from a helper function, with a long message over two lines."""
+    return _deep_helper(7)
+
+
+@_csr
+def shape_error(q, k, v, *, mask, scale, **kw):
+    """Raises inside NumPy, called from this line."""
+    return np.matmul(q, v[..., :1, :1, None])
+
+
+@_csr
+def forward_only(q, k, v, *, mask, scale, **kw):
+    """Correct, with no backward."""
+    return _fwd(q, k, v, mask=mask, scale=scale, **kw)

@@ -381,3 +381,99 @@ def test_assert_matches_golden_layout_and_backward():
         assert_matches_golden(bi.bshd, case)
     with pytest.raises(AssertionError, match=r"feature-gqa \(float64\): dk is off by"):
         assert_matches_golden(refattn.adapters.dense, case, dtype="float64", backward=bi.gqa_no_reduction.backward)
+
+
+# ---- as a kernel author meets it: errors with their place, what went unchecked, imports ----------------
+
+def _line_of(fn, text: str) -> int:
+    """The line number, in its file, of the first line of ``fn`` that contains ``text``."""
+    import inspect
+
+    lines, start = inspect.getsourcelines(fn)
+    return start + next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_an_error_row_keeps_the_type_the_whole_message_and_the_place(capsys, tmp_path):
+    report = tmp_path / "v.json"
+    rc, out, _ = run_verify(capsys, f"{BROKEN}:crashes_in_a_helper", "--filter", "pattern-causal", "--json", report)
+    assert rc == 1
+    line = next(x for x in out.splitlines() if x.startswith("pattern-causal "))
+    where = f"(at tests/broken_impls.py:{_line_of(bi._deep_helper, 'raise KernelCrash')} in _deep_helper)"
+    assert ("forward raised KernelCrash: a message longer than a table cell, over two lines: the tile loop ran "
+            "past key block 7 of a sequence that has only 6 of them " + where) in line
+    case = json.loads(report.read_text())["cases"][0]
+    assert case["status"] == "error" and case["message"].endswith(where)
+    assert case["traceback"].startswith("Traceback (most recent call last):")
+    assert "in crashes_in_a_helper" in case["traceback"] and "KernelCrash" in case["traceback"]
+
+
+def test_an_error_inside_a_library_names_the_implementations_line(capsys):
+    rc, out, _ = run_verify(capsys, f"{BROKEN}:shape_error", "--filter", "pattern-causal")
+    assert rc == 1
+    line = next(x for x in out.splitlines() if x.startswith("pattern-causal "))
+    assert "forward raised ValueError: " in line
+    assert line.endswith(f"(at tests/broken_impls.py:{_line_of(bi.shape_error, 'np.matmul')} in shape_error)")
+
+
+def test_a_run_without_a_backward_says_so(capsys):
+    rc, out, _ = run_verify(capsys, f"{BROKEN}:forward_only", "--filter", "pattern-causal,feature-gqa")
+    assert rc == 0
+    header, *_, last = out.strip().splitlines()
+    assert "forward only; backward not checked: no backward given" in header
+    assert last == "2 passed, 0 failed, 0 errors, 0 unsupported, of 2 case(s); backward not checked: no backward given"
+    rc, out, _ = run_verify(capsys, "refattn.adapters:dense", "--filter", "pattern-causal")
+    assert "forward and backward" in out.splitlines()[0] and "not checked" not in out
+
+
+def test_rows_come_as_cases_finish(capsys):
+    """The header first, then one row per case in the suite's order, then the summary."""
+    rc, out, _ = run_verify(capsys, "refattn.adapters:dense", "--filter", "pattern-causal,shape-*")
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("refattn.adapters:dense (float32, bhsd, numpy) against 7 case(s) of ")
+    assert lines[1].split() == ["case", "status", "tensor", "error", "allowed", "ratio", "time", "s", "note"]
+    ids = [e for e in ALL if e == "pattern-causal" or e.startswith("shape-")]
+    assert [x.split()[0] for x in lines[2:-1]] == ids
+    assert all(float(x.split()[6]) >= 0 for x in lines[2:-1])
+
+
+def _cli(args, cwd, env_update=None):
+    """``refattn`` as its console script runs it: the current folder is not on the import
+    path by itself (``python -I``: no script folder, no current folder)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "REFATTN_GOLDEN"}
+    env.update(env_update or {})
+    code = "import sys; from refattn.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-I", "-c", code, *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_the_current_folder_is_importable(tmp_path):
+    (tmp_path / "myattn.py").write_text(
+        "from refattn import adapters\n\n"
+        "def forward(q, k, v, *, mask, scale, **kw):\n"
+        "    return adapters.dense(q, k, v, mask=mask, scale=scale, **kw)\n\n"
+        "forward.mask_form = 'csr'\n")
+    proc = _cli(["verify", "myattn:forward", "--golden", str(GOLDEN), "--filter", "pattern-causal"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed, 0 failed" in proc.stdout
+
+
+def test_outside_the_repository_the_default_suite_is_found(tmp_path):
+    proc = _cli(["verify", "refattn.adapters:dense", "--filter", "pattern-causal"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"against 1 case(s) of {GOLDEN}" in proc.stdout.splitlines()[0]
+    proc = _cli(["golden", "check", "--filter", "pattern-causal"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"1 case(s) of {GOLDEN}" in proc.stdout.splitlines()[0]
+
+
+def test_a_missing_suite_names_golden(tmp_path):
+    for argv in (["verify", "refattn.adapters:dense", "--golden", str(tmp_path / "nope")],
+                 ["golden", "check", str(tmp_path)]):
+        proc = _cli(argv, tmp_path)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr.count("\n") == 1 and "is not a golden suite" in proc.stderr
+        assert "--golden DIR" in proc.stderr and "REFATTN_GOLDEN" in proc.stderr
