@@ -128,6 +128,22 @@ def test_patterns_lists_every_pattern(capsys):
     listed = [line.split()[0] for line in out.splitlines()]
     assert listed == patterns.names()
     assert "sliding_window           (left, right, align)" in out
+    # the first sentence ends at a sentence's end, not at the ellipsis of a range
+    assert ("per_row keys per query row, drawn without replacement from 0 .. n_i - 1 (n_i = Lk, or "
+            "min(i' + 1, Lk) when causal) by refattn's seeded draw; a row with fewer candidates takes them all\n") in out
+
+
+@pytest.mark.parametrize("doc, first", [
+    ("One. Two.", "One"),
+    ("Keys ``0 .. n - 1``. Then more.", "Keys 0 .. n - 1"),
+    ("As in e.g. the paper. More.", "As in e.g. the paper"),
+    ("No period", "No period"),
+    ("Ends here.\n\nSecond paragraph.", "Ends here"),
+])
+def test_first_sentence(doc, first):
+    from refattn.cli.show import first_sentence
+
+    assert first_sentence(doc) == first
 
 
 def test_show_draws_the_mask_and_its_stats(capsys):
