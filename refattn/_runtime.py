@@ -19,6 +19,7 @@ on stderr while a user waits.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import threading
@@ -110,6 +111,10 @@ _SLOW = {
     ("refattn.backends.cpu", "_dq_kernel"): ("the cpu backend's {dtype} backward kernels", "about 25 s"),
     ("refattn.backends.cpu", "_dkdv_kernel"): ("the cpu backend's {dtype} backward kernels", "about 25 s"),
 }
+#: Whole modules whose first compiles are one wait (numba.cuda does not cache GPU kernels).
+_MODULES = {
+    "refattn.backends._cuda_kernels": ("the cuda backend's {dtype} kernels", "seconds, in every process"),
+}
 #: Every other refattn function: one notice for all of them, at the first one compiled.
 _OTHERS = ("refattn's mask and pattern kernels", "up to 2 s each, as each is first used")
 
@@ -129,7 +134,7 @@ def _describe(dispatcher, args) -> tuple[str, str] | None:
     module = getattr(py_func, "__module__", "") or ""
     if module != "refattn" and not module.startswith("refattn."):
         return None
-    slow = _SLOW.get((module, getattr(py_func, "__name__", "")))
+    slow = _SLOW.get((module, getattr(py_func, "__name__", ""))) or _MODULES.get(module)
     if slow is None:
         return _OTHERS
     what, how_long = slow
@@ -165,32 +170,40 @@ class _CompileNotice:
         self._depth.n = max(getattr(self._depth, "n", 1) - 1, 0)
 
 
-def install_compile_notice() -> bool:
-    """Register the compile notice with Numba's event API (``numba:compile``); False if
-    this Numba has no such API."""
+def install_compile_notice(event_module: str = "numba.core.event") -> bool:
+    """Register the compile notice for the compile events of an event API: Numba's own
+    (``numba:compile``) by default; numba-cuda has its own copy (``numba.cuda.core.event``,
+    ``numba-cuda:compile``), which the cuda backend registers with on import. False if there
+    is no such API."""
     try:
-        from numba.core import event
+        event = importlib.import_module(event_module)
     except ImportError:
         return False
     if not hasattr(event, "register") or not hasattr(event, "Listener"):
         return False
-    global _LISTENER
-    if _LISTENER is not None:
+    if event_module in _LISTENERS:
         return True
 
     class Listener(event.Listener):
-        def __init__(self, notice_):
-            self._notice = notice_
-
         def on_start(self, ev):
-            self._notice.on_start(ev)
+            _NOTICE.on_start(ev)
 
         def on_end(self, ev):
-            self._notice.on_end(ev)
+            _NOTICE.on_end(ev)
 
-    _LISTENER = Listener(_CompileNotice())
-    event.register("numba:compile", _LISTENER)
-    return True
+    listener = Listener()
+    registered = False
+    for kind in ("numba:compile", "numba-cuda:compile"):   # numba-cuda renamed its kinds
+        try:
+            event.register(kind, listener)
+            registered = True
+        except ValueError:                                 # a kind this event API does not have
+            continue
+    if registered:
+        _LISTENERS[event_module] = listener
+    return registered
 
 
-_LISTENER = None
+#: One notice state for every event API: a kind of kernel is announced once per process.
+_NOTICE = _CompileNotice()
+_LISTENERS: dict = {}

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import refattn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,12 +59,42 @@ def test_refattn_quiet_silences_the_notices(tmp_path):
     assert proc.returncode == 0 and proc.stderr == ""
 
 
-def test_the_cpu_backend_names_its_kernels_and_dtype(tmp_path):
-    """The notice of a slow compile says which kernel, in which dtype (the listener is fed
-    the event Numba sends; compiling the real kernel takes half a minute)."""
+def fed(events) -> list[str]:
+    """The notices a fresh compile notice gives for ``events``, ``(dispatcher, arg types)``
+    as Numba sends them (compiling the real kernels takes half a minute)."""
     from types import SimpleNamespace
 
+    from refattn import _runtime
+
+    said = []
+    notice = _runtime._CompileNotice()
+    original = _runtime.notice
+    _runtime.notice = said.append
+    try:
+        for dispatcher, args in events:
+            event = SimpleNamespace(data={"dispatcher": dispatcher, "args": args})
+            notice.on_start(event)
+            notice.on_end(event)
+    finally:
+        _runtime.notice = original
+    return said
+
+
+def test_the_cpu_backend_names_its_kernels_and_dtype():
     from numba import types
+
+    from refattn.backends import cpu
+
+    f32, f64 = (types.float32[:, :],), (types.float64[:, :],)
+    said = fed([(cpu._dq_kernel, f32), (cpu._dkdv_kernel, f32), (cpu._forward_kernel, f64), (cpu._dq_kernel, f64)])
+    assert [s.split(" with Numba")[0] for s in said] == [
+        "compiling the cpu backend's float32 backward kernels",      # dq then dK/dV: one wait, one notice
+        "compiling the cpu backend's float64 forward kernel",
+        "compiling the cpu backend's float64 backward kernels"]
+
+
+def test_nested_compiles_speak_only_at_the_outermost():
+    from types import SimpleNamespace
 
     from refattn import _runtime
     from refattn.backends import cpu
@@ -72,13 +104,28 @@ def test_the_cpu_backend_names_its_kernels_and_dtype(tmp_path):
     original = _runtime.notice
     _runtime.notice = said.append
     try:
-        for name in ("_dq_kernel", "_dkdv_kernel"):
-            event = SimpleNamespace(data={"dispatcher": getattr(cpu, name), "args": (types.float32[:, :],)})
-            notice.on_start(event)
-            notice.on_end(event)
+        outer = SimpleNamespace(data={"dispatcher": cpu._forward_kernel, "args": ()})
+        inner = SimpleNamespace(data={"dispatcher": cpu._dq_kernel, "args": ()})
+        notice.on_start(outer)
+        notice.on_start(inner)           # compiled inside the forward: part of its wait
+        notice.on_end(inner)
+        notice.on_end(outer)
     finally:
         _runtime.notice = original
-    assert len(said) == 1 and said[0].startswith("compiling the cpu backend's float32 backward kernels with Numba")
+    assert len(said) == 1 and "forward kernel" in said[0]
+
+
+def test_the_cuda_backend_registers_with_numba_cudas_events():
+    pytest.importorskip("numba_cuda")
+    from refattn import _runtime
+
+    assert _runtime.install_compile_notice("numba.cuda.core.event")
+    assert "numba.cuda.core.event" in _runtime._LISTENERS
+    from types import SimpleNamespace
+
+    kernel = SimpleNamespace(py_func=SimpleNamespace(__module__="refattn.backends._cuda_kernels", __name__="fwd"))
+    said = fed([(kernel, ())])
+    assert said and said[0].startswith("compiling the cuda backend's float64 kernels with Numba")
 
 
 def readme_setup_commands() -> list[str]:

@@ -27,12 +27,16 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from .. import _runtime
 from . import _cuda_kernels as K
 from ._host import bias_args, dbias_buffers, dbias_reduce, drop_args, group_ids, plan
 from ..contract import HOST, Grads, HostArrays, Problem, Result, on_cuda_device
 from ..errors import RefattnError
 
 COMPUTE_DTYPES = (np.float64, np.float32)
+
+# numba-cuda announces its compiles through its own copy of Numba's event API.
+_runtime.install_compile_notice("numba.cuda.core.event")
 
 #: Largest block size: a block's threads, and entries of a tile row held as int16.
 MAX_BLOCK = 256
