@@ -111,9 +111,10 @@ _SLOW = {
     ("refattn.backends.cpu", "_dq_kernel"): ("the cpu backend's {dtype} backward kernels", "about 25 s"),
     ("refattn.backends.cpu", "_dkdv_kernel"): ("the cpu backend's {dtype} backward kernels", "about 25 s"),
 }
-#: Whole modules whose first compiles are one wait (numba.cuda does not cache GPU kernels).
+#: Whole modules whose first compiles are one wait; no time: numba.cuda caches no GPU kernel,
+#: so they are compiled in every process (seconds).
 _MODULES = {
-    "refattn.backends._cuda_kernels": ("the cuda backend's {dtype} kernels", "seconds, in every process"),
+    "refattn.backends._cuda_kernels": ("the cuda backend's {dtype} kernels", None),
 }
 #: Every other refattn function: one notice for all of them, at the first one compiled.
 _OTHERS = ("refattn's mask and pattern kernels", "up to 2 s each, as each is first used")
@@ -128,8 +129,9 @@ def _float_dtype(args) -> str:
     return "float64"
 
 
-def _describe(dispatcher, args) -> tuple[str, str] | None:
-    """``(what, how long)`` for a compile of one of refattn's functions, else None."""
+def _describe(dispatcher, args) -> tuple[str, str | None] | None:
+    """``(what, how long)`` for a compile of one of refattn's functions (how long None: not
+    cached, so in every process), else None."""
     py_func = getattr(dispatcher, "py_func", None)
     module = getattr(py_func, "__module__", "") or ""
     if module != "refattn" and not module.startswith("refattn."):
@@ -164,7 +166,10 @@ class _CompileNotice:
         if what in self._said:
             return
         self._said.add(what)
-        notice(f"compiling {what} with Numba: once per machine ({how_long}), then cached in {numba_cache_dir()}")
+        if how_long is None:
+            notice(f"compiling {what} with Numba: seconds, in every process (GPU kernels are not cached)")
+        else:
+            notice(f"compiling {what} with Numba: once per machine ({how_long}), then cached in {numba_cache_dir()}")
 
     def on_end(self, event):
         self._depth.n = max(getattr(self._depth, "n", 1) - 1, 0)

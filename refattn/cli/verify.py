@@ -67,11 +67,12 @@ def cmd_verify(args) -> int:
     print(f"{impl.name} ({args.dtype}, {args.layout}, {args.framework}) against {len(entries)} case(s) of "
           f"{gdir}: {checked}. Each row shows the failing tensor, else the one nearest its bound.", flush=True)
     headers = ["case", "status", "tensor", "error", "allowed", "ratio", "time s", "note"]
-    table = RowPrinter(headers, [max(len(e["id"]) for e in entries), 11, 6, 9, 9, 9, 6, 0])
+    ids = [str(e.get("id", "?")) if isinstance(e, dict) else "?" for e in entries]
+    table = RowPrinter(headers, [max(map(len, ids), default=4), 11, 6, 9, 9, 9, 6, 0])
     progress = Progress(lines_when_piped=False)
     results = []
-    for i, entry in enumerate(entries):
-        progress(i, len(entries), entry["id"])
+    for i, (cid, entry) in enumerate(zip(ids, entries)):
+        progress(i, len(entries), cid)
         t0 = time.perf_counter()
         r = verify.verify_case(impl, gdir, entry, args.dtype, args.layout, args.framework)
         progress.clear()
