@@ -194,3 +194,35 @@ def shape_error(q, k, v, *, mask, scale, **kw):
 def forward_only(q, k, v, *, mask, scale, **kw):
     """Correct, with no backward."""
     return _fwd(q, k, v, mask=mask, scale=scale, **kw)
+
+
+# ---- kernels that compute nothing ------------------------------------------------------------------
+
+@_csr
+def returns_none(q, k, v, *, mask, scale, **kw):
+    return None
+
+
+@_csr
+def returns_empty_tuple(q, k, v, *, mask, scale, **kw):
+    return ()
+
+
+@_csr
+def returns_empty_dict(q, k, v, *, mask, scale, **kw):
+    return {}
+
+
+@_csr
+def returns_wrong_keys(q, k, v, *, mask, scale, **kw):
+    out, lse = _fwd(q, k, v, mask=mask, scale=scale, **kw)
+    return {"output": out, "logsumexp": lse}
+
+
+@_csr
+def backward_returns_none(q, k, v, *, mask, scale, **kw):
+    """A correct forward whose backward computes nothing."""
+    return _fwd(q, k, v, mask=mask, scale=scale, **kw)
+
+
+backward_returns_none.backward = lambda *a, **kw: None

@@ -270,3 +270,13 @@ def test_non_finite_dbias_is_an_error(dbias):
     z = np.zeros((1, 1, 1, 1))
     with pytest.raises(RefattnError, match="dbias: the result is not finite"):
         _check_grads(Grads(z, z, z, dbias), HOST)
+
+
+@pytest.mark.parametrize("backend", ["dense", "sparse", "tiled", "cpu"])
+@pytest.mark.parametrize("compute_dtype", ["flaot32", "nonsense", ["float32"], "int32", "float16", 3.5])
+def test_a_misspelt_compute_dtype_is_an_error(qkv, backend, compute_dtype):
+    """A name that is no dtype the backend computes in is refused, never read as float64
+    (np.dtype(None) is float64; a misspelling once became None and passed)."""
+    q, k, v = qkv
+    with pytest.raises(RefattnError, match=rf"compute_dtype: backend '{backend}' computes in"):
+        refattn.forward(q, k, v, backend=backend, compute_dtype=compute_dtype)

@@ -309,7 +309,7 @@ def test_sdpa_passes_every_supported_case(capsys, tmp_path, dtype):
     assert {c for c, v in cases.items() if v["status"] == "unsupported"} == SDPA_UNSUPPORTED
     assert {c for c, v in cases.items() if v["status"] == "pass"} == set(ALL) - SDPA_UNSUPPORTED
     lse = [t for c in cases.values() for t in c["tensors"] if t["name"] == "lse"]
-    assert lse and all(t["note"] == "not provided" for t in lse)     # SDPA gives no LSE
+    assert lse and all(t["note"] == "not provided (not judged)" for t in lse)     # SDPA gives no LSE
     assert summary(out) == (48, 0, 0, 6, 54)
 
 
@@ -323,7 +323,7 @@ def test_flex_passes_mask_cases(capsys, tmp_path):
     cases = json.loads(path.read_text())["cases"]
     assert len(cases) == 3 and all(c["status"] == "pass" for c in cases)
     for c in cases:   # forward only, no LSE
-        assert [(t["name"], t["note"]) for t in c["tensors"]] == [("out", ""), ("lse", "not provided")]
+        assert [(t["name"], t["note"]) for t in c["tensors"]] == [("out", ""), ("lse", "not provided (not judged)")]
 
 
 # ---- refattn.testing ------------------------------------------------------------------------------------------
@@ -477,3 +477,26 @@ def test_a_missing_suite_names_golden(tmp_path):
         assert proc.returncode == 1 and proc.stdout == ""
         assert proc.stderr.count("\n") == 1 and "is not a golden suite" in proc.stderr
         assert "--golden DIR" in proc.stderr and "REFATTN_GOLDEN" in proc.stderr
+
+
+# ---- a kernel must provide what it is judged on ------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["returns_none", "returns_empty_tuple", "returns_empty_dict", "returns_wrong_keys"])
+def test_a_forward_that_returns_no_out_fails(capsys, name):
+    rc, out, _ = run_verify(capsys, f"{BROKEN}:{name}", "--filter", "pattern-causal,feature-gqa")
+    assert rc == 1
+    assert summary(out) == (0, 2, 0, 0, 2)
+    assert table(out)["pattern-causal"][:3] == ["FAIL", "out", "inf"]
+    with pytest.raises(AssertionError, match="out is off by inf"):
+        assert_matches_golden(getattr(bi, name), _case("pattern-causal"))
+    with pytest.raises(AssertionError, match="out is off by inf"):
+        assert_matches_golden(lambda q, k, v, **kw: None, _case("pattern-causal"))
+
+
+def test_a_backward_that_returns_nothing_fails(capsys):
+    rc, out, _ = run_verify(capsys, f"{BROKEN}:backward_returns_none", "--filter", "pattern-causal")
+    assert rc == 1 and summary(out) == (0, 1, 0, 0, 1)
+    v = verdicts(bi.backward_returns_none, "pattern-causal")["pattern-causal"]
+    assert [(t.name, t.ok) for t in v.tensors] == [("out", True), ("lse", True), ("dq", False), ("dk", False),
+                                                   ("dv", False)]
+    assert all(t.note == "not provided: the implementation must return it" for t in v.tensors[2:])

@@ -44,11 +44,13 @@ def configure(impl: ModuleType, name: str, compute_dtype, options) -> Config:
     if compute_dtype is None:
         dtype = allowed[0]
     else:
+        # np.dtype(None) is float64, and `None in [float64]` is True: a name that is no
+        # dtype must be refused here, not turned into None and compared.
         try:
             dtype = np.dtype(compute_dtype)
-        except TypeError:
+        except (TypeError, ValueError, SyntaxError):
             dtype = None
-        if dtype not in allowed:
+        if dtype is None or not any(dtype == d for d in allowed):
             raise RefattnError(f"compute_dtype: backend {name!r} computes in {[str(d) for d in allowed]}, "
                                f"got {compute_dtype!r}")
     given = {} if options is None else options

@@ -38,10 +38,17 @@ class CaseVerdict:
         return max(self.tensors, key=lambda t: t.ratio, default=None)
 
 
+#: The tensors an implementation must return: ``out`` always, the gradients of q, k, v when
+#: it has a backward. ``lse`` and ``dbias`` may be left out (then they are not judged).
+REQUIRED = ("out", "dq", "dk", "dv")
+
+
 def compare(name: str, got, gold: np.ndarray, allowed: float, empty: np.ndarray | None) -> TensorVerdict:
     """The rule of spec/tolerance.md for one tensor."""
     if got is None:
-        return TensorVerdict(name, 0.0, allowed, True, "not provided")
+        if name in REQUIRED:        # a kernel that computes nothing never passes
+            return TensorVerdict(name, math.inf, allowed, False, "not provided: the implementation must return it")
+        return TensorVerdict(name, 0.0, allowed, True, "not provided (not judged)")
     if got.shape != gold.shape:
         return TensorVerdict(name, math.inf, allowed, False, f"shape {got.shape}, expected {gold.shape}")
     fin = np.isfinite(gold)
