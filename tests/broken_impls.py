@@ -226,3 +226,24 @@ def backward_returns_none(q, k, v, *, mask, scale, **kw):
 
 
 backward_returns_none.backward = lambda *a, **kw: None
+
+
+# ---- kernels that try to end the process -----------------------------------------------------------
+
+@_csr
+def exits_0(q, k, v, *, mask, scale, **kw):
+    import sys
+    sys.exit(0)
+
+
+@_csr
+def exits_1(q, k, v, *, mask, scale, **kw):
+    raise SystemExit(1)
+
+
+@_csr
+def interrupted_on_gqa(q, k, v, *, mask, scale, **kw):
+    """Correct, until the user presses Ctrl-C on the gqa case."""
+    if q.shape[1] != k.shape[1]:
+        raise KeyboardInterrupt
+    return _fwd(q, k, v, mask=mask, scale=scale, **kw)

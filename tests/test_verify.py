@@ -500,3 +500,26 @@ def test_a_backward_that_returns_nothing_fails(capsys):
     assert [(t.name, t.ok) for t in v.tensors] == [("out", True), ("lse", True), ("dq", False), ("dk", False),
                                                    ("dv", False)]
     assert all(t.note == "not provided: the implementation must return it" for t in v.tensors[2:])
+
+
+# ---- a kernel cannot end the run ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, code", [("exits_0", 0), ("exits_1", 1)])
+def test_sys_exit_is_an_error_and_the_run_goes_on(capsys, name, code):
+    rc, out, _ = run_verify(capsys, f"{BROKEN}:{name}", "--filter", "pattern-causal,feature-gqa")
+    assert rc == 1
+    assert summary(out) == (0, 0, 2, 0, 2)
+    assert f"forward raised SystemExit: {code}" in " ".join(table(out)["feature-gqa"])
+
+
+def test_ctrl_c_stops_the_run_and_keeps_the_table(capsys):
+    rc, out, _ = run_verify(capsys, f"{BROKEN}:interrupted_on_gqa", "--filter", "pattern-causal,feature-gqa,shape-l1")
+    assert rc == 130
+    ids = [e for e in ALL if e in ("pattern-causal", "feature-gqa", "shape-l1")]
+    assert ids.index("feature-gqa") == 1          # the suite's order: one case before it
+    rows = table(out)
+    assert list(rows) == [ids[0]] and rows[ids[0]][0] == "pass"
+    assert out.strip().splitlines()[-1] == ("1 passed, 0 failed, 0 errors, 0 unsupported, of 1 case(s); "
+                                            "backward not checked: no backward given; interrupted: 2 case(s) not run")
+    with pytest.raises(KeyboardInterrupt):
+        verdicts(bi.interrupted_on_gqa, "feature-gqa")

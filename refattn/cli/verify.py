@@ -70,18 +70,24 @@ def cmd_verify(args) -> int:
     ids = [str(e.get("id", "?")) if isinstance(e, dict) else "?" for e in entries]
     table = RowPrinter(headers, [max(map(len, ids), default=4), 11, 6, 9, 9, 9, 6, 0])
     progress = Progress(lines_when_piped=False)
-    results = []
+    results, interrupted = [], False
     for i, (cid, entry) in enumerate(zip(ids, entries)):
         progress(i, len(entries), cid)
         t0 = time.perf_counter()
-        r = verify.verify_case(impl, gdir, entry, args.dtype, args.layout, args.framework)
+        try:
+            r = verify.verify_case(impl, gdir, entry, args.dtype, args.layout, args.framework)
+        except KeyboardInterrupt:       # stop the run, keep what was judged
+            progress.clear()
+            interrupted = True
+            break
         progress.clear()
         table.row(_row(r, time.perf_counter() - t0))
         results.append(r)
     count = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "error", "unsupported")}
     print(f"{count['pass']} passed, {count['fail']} failed, {count['error']} errors, "
           f"{count['unsupported']} unsupported, of {len(results)} case(s)"
-          + ("" if impl.backward is not None else f"; {NO_BACKWARD}"))
+          + ("" if impl.backward is not None else f"; {NO_BACKWARD}")
+          + (f"; interrupted: {len(entries) - len(results)} case(s) not run" if interrupted else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"impl": impl.name, "dtype": args.dtype, "layout": args.layout, "framework": args.framework,
@@ -92,4 +98,6 @@ def cmd_verify(args) -> int:
                                                                           "ratio": t.ratio}.items()}
                                               for t in r.tensors]} for r in results]},
                       f, indent=1, allow_nan=False)
+    if interrupted:
+        return 130                      # as a shell reports SIGINT
     return 0 if count["pass"] and not (count["fail"] or count["error"]) else 1

@@ -88,7 +88,9 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
         got = outputs(impl.forward(q, k, v, **kwargs), ("out", "lse"))
     except Unsupported as e:
         return CaseVerdict(cid, "unsupported", str(e) or "forward raised Unsupported")
-    except Exception as e:  # the implementation's own failure is a verdict, not a crash
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: B036  the implementation's failure, sys.exit included, is a verdict
         message, tb = failure(e, impl.forward, "forward")
         return CaseVerdict(cid, "error", message, traceback=tb)
     out, lse = frame.back(got["out"], seq=True), frame.back(got["lse"])
@@ -107,7 +109,9 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
                          ("dq", "dk", "dv", "dbias"))
         except Unsupported as e:
             return CaseVerdict(cid, "unsupported", str(e) or "backward raised Unsupported", verdicts)
-        except Exception as e:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: B036
             message, tb = failure(e, impl.backward, "backward")
             return CaseVerdict(cid, "error", message, verdicts, traceback=tb)
         for name in ("dq", "dk", "dv"):
