@@ -188,3 +188,23 @@ def test_compiled_merge_matches_numpy_set_operations(data, lq, lk, dtypes):
         indptr, indices = merge(op, ap, ai, bp, bi, lambda nnz: np.dtype(np.int64))
         got = [indices[indptr[r]:indptr[r + 1]].tolist() for r in range(lq)]
         assert got == [fn(x, y).astype(int).tolist() for x, y in zip(ra, rb)]
+
+
+def test_equality_compares_columns_not_only_row_counts():
+    """Two masks with the same count in every row but other columns are unequal (the
+    verifier decides with == whether a mask is the causal one)."""
+    lower = np.tril(np.ones((5, 5), bool))
+    mirrored = lower[:, ::-1]                      # row i: the last i + 1 keys
+    a, b = Mask.from_dense(lower), Mask.from_dense(mirrored)
+    assert np.array_equal(a.row_counts(0, 0), b.row_counts(0, 0))
+    assert a != b and not (a == b)
+    assert a == Mask.from_dense(lower.copy())
+
+
+def test_a_mirrored_causal_mask_is_not_given_as_causal():
+    from refattn.verify.frame import is_causal_top_left
+
+    lower = np.tril(np.ones((6, 6), bool))
+    assert is_causal_top_left(Mask.from_dense(lower)) is True
+    assert is_causal_top_left(Mask.from_dense(np.ones((6, 6), bool))) is False
+    assert is_causal_top_left(Mask.from_dense(lower[:, ::-1])) is None
