@@ -655,3 +655,81 @@ def test_generate_with_an_empty_selection_is_an_error(capsys, tmp_path, expr):
     assert rc == 1
     assert err.startswith("refattn golden: error: --filter") and "Traceback" not in err
     assert not (tmp_path / "g" / "manifest.json").exists()
+
+
+# ---- generating into a folder that holds a suite never loses a case ---------------------------------
+
+def _ids(gdir: Path) -> list[str]:
+    return [e["id"] for e in json.loads((gdir / "manifest.json").read_text())["cases"]]
+
+
+def test_a_filtered_generate_into_a_full_suite_keeps_every_case(capsys, suite_copy):
+    before = json.loads((suite_copy / "manifest.json").read_text())["cases"]
+    rc, out, err = run_cli(capsys, "golden", "generate", "--out", suite_copy, "--filter", "pattern-causal")
+    assert rc == 0, err
+    assert out.strip() == (f"wrote 1 case(s), {BY_ID['pattern-causal']['bytes'] / 2**20:.1f} MiB, to {suite_copy}/cases/; "
+                           f"{suite_copy}/manifest.json lists {len(before)} case(s) "
+                           f"({len(before) - 1} kept from before, not regenerated)")
+    assert _ids(suite_copy) == [e["id"] for e in before]
+    rc, out, _ = run_cli(capsys, "golden", "check", suite_copy)
+    assert rc == 0 and f"{len(before)} of {len(before)} case(s) pass; the suite is intact" in out
+
+
+def test_merging_keeps_the_suite_order_and_unknown_cases(tmp_path):
+    gdir = tmp_path / "g"
+    golden.generate(gdir, "shape-l1")
+    manifest = json.loads((gdir / "manifest.json").read_text())
+    manifest["cases"].append({**manifest["cases"][0], "id": "mine-1"})      # a case of some other list
+    (gdir / "manifest.json").write_text(json.dumps(manifest))
+    golden.generate(gdir, "pattern-causal,shape-d1")
+    order = list(SUITE)
+    assert _ids(gdir) == sorted(["pattern-causal", "shape-d1", "shape-l1"], key=order.index) + ["mine-1"]
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "unreadable"),
+    ('{"format": "something-else"}', "not a refattn golden manifest"),
+    ('{"format": "refattn-golden", "schema_version": 99, "cases": []}', "schema version 99"),
+    ('{"format": "refattn-golden", "schema_version": 1, "cases": [3]}', "malformed"),
+])
+def test_generate_refuses_a_manifest_it_cannot_add_to(capsys, tmp_path, content, why):
+    gdir = tmp_path / "g"
+    gdir.mkdir()
+    (gdir / "manifest.json").write_text(content)
+    rc, out, err = run_cli(capsys, "golden", "generate", "--out", gdir, "--filter", "shape-l1")
+    assert rc == 1 and why in err and "write to another --out" in err
+    assert (gdir / "manifest.json").read_text() == content                 # untouched
+    assert not (gdir / "cases" / "shape-l1.npz").exists()                  # refused before the work
+
+
+def test_generate_onto_a_file_or_an_unwritable_folder(capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    rc, _, err = run_cli(capsys, "golden", "generate", "--out", tmp_path / "f", "--filter", "shape-l1")
+    assert rc == 1 and "is a file, not a folder" in err and "Traceback" not in err
+    rc, _, err = run_cli(capsys, "golden", "generate", "--out", tmp_path / "f" / "sub", "--filter", "shape-l1")
+    assert rc == 1 and "cannot create" in err and "Traceback" not in err
+
+
+def test_generate_replaces_a_symlinked_case_file_instead_of_writing_through_it(tmp_path):
+    gdir = tmp_path / "g"
+    golden.generate(gdir, "shape-l1")
+    outside = tmp_path / "outside.npz"
+    outside.write_bytes(b"precious")
+    target = gdir / "cases" / "shape-l1.npz"
+    target.unlink()
+    target.symlink_to(outside)
+    golden.generate(gdir, "shape-l1")
+    assert outside.read_bytes() == b"precious"
+    assert not target.is_symlink() and target.stat().st_size > 1000
+
+
+def test_concurrent_generates_into_one_folder_keep_both(tmp_path):
+    import subprocess
+    import sys
+
+    gdir = tmp_path / "g"
+    code = "import sys; from refattn import golden; golden.generate(sys.argv[1], sys.argv[2])"
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(gdir), expr])
+            for expr in ("pattern-*", "feature-*,shape-*")]
+    assert [p.wait(timeout=300) for p in runs] == [0, 0]
+    assert _ids(gdir) == list(SUITE)

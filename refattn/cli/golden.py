@@ -43,10 +43,14 @@ def cmd_golden(args) -> int:
     if args.golden_command == "list":
         return _list(args)
     if args.golden_command == "generate":
+        written = [c.id for c in golden.select(golden.suite(), args.filter)]
         manifest = golden.generate(args.out, args.filter, progress=Progress())
-        total = sum(e["bytes"] for e in manifest["cases"])
-        print(f"wrote {len(manifest['cases'])} case(s), {total / 2**20:.1f} MiB, to {args.out}/ "
-              f"(manifest.json, cases/)")
+        entries = {e["id"]: e for e in manifest["cases"]}
+        size = sum(entries[cid]["bytes"] for cid in written)
+        kept = len(entries) - len(written)
+        print(f"wrote {len(written)} case(s), {size / 2**20:.1f} MiB, to {args.out}/cases/; "
+              f"{args.out}/manifest.json lists {len(entries)} case(s)"
+              + (f" ({kept} kept from before, not regenerated)" if kept else ""))
         return 0
     return _check(args)
 

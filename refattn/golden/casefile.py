@@ -6,9 +6,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
+import tempfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 
@@ -75,9 +79,25 @@ def write_case(path, arrays: dict[str, np.ndarray]) -> bytes:
             info.external_attr = 0o644 << 16
             zf.writestr(info, entry.getvalue())
     data = buf.getvalue()
-    with open(path, "wb") as f:
-        f.write(data)
+    write_atomic(path, data)
     return data
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, moved into
+    place: a reader never sees half a file, and a symbolic link at ``path`` is replaced,
+    never written through."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_case(path) -> dict[str, np.ndarray]:

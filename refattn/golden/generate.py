@@ -1,34 +1,113 @@
-"""``refattn golden generate``: compute cases by both routes and write them with a manifest."""
+"""``refattn golden generate``: compute cases by both routes and write them with a manifest.
+
+Generating into a folder that already holds a suite adds to it: the cases regenerated
+replace their old entries, every other entry is kept (a ``--filter`` never drops cases it
+did not regenerate). Each file is written atomically, and the manifest is read, merged
+and written under a lock on the folder, so concurrent runs into one folder keep each
+other's cases (spec/golden-format.md, "Generating into a folder").
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 from ..errors import RefattnError
-from .casefile import case_arrays, write_case
+from .casefile import case_arrays, write_atomic, write_case
 from .cases import select, suite
-from .manifest import manifest_entry, manifest_header
+from .manifest import FORMAT, SCHEMA_VERSION, manifest_entry, manifest_header
 from .routes import compute_case
+
+try:                                    # POSIX: advisory locks; elsewhere runs are not serialised
+    import fcntl
+except ImportError:                     # pragma: no cover - Windows
+    fcntl = None
+
+
+def _folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise RefattnError(f"golden generate: --out {out} is a file, not a folder")
+    try:
+        (out / "cases").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RefattnError(f"golden generate: cannot create {out / 'cases'}: {e.strerror or e}") from None
+    if not os.access(out / "cases", os.W_OK) or not os.access(out, os.W_OK):
+        raise RefattnError(f"golden generate: cannot write to {out}: permission denied")
+
+
+def existing_entries(out: Path) -> list[dict]:
+    """The entries of the manifest already in ``out`` (none if there is none); `RefattnError`
+    if there is one this refattn cannot add to, so that nothing in it is lost."""
+    path = out / "manifest.json"
+    if not path.exists() and not path.is_symlink():
+        return []
+    manifest, why = None, None
+    if path.is_symlink() or not path.is_file():
+        why = "not a regular file"
+    else:
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            why = f"unreadable: {e}"
+    if why is None and (not isinstance(manifest, dict) or manifest.get("format") != FORMAT):
+        why = "not a refattn golden manifest"
+    elif why is None and manifest.get("schema_version") != SCHEMA_VERSION:
+        why = f"schema version {manifest.get('schema_version')!r}, this refattn writes {SCHEMA_VERSION}"
+    elif why is None and (not isinstance(manifest.get("cases"), list)
+                          or not all(isinstance(e, dict) and isinstance(e.get("id"), str) for e in manifest["cases"])):
+        why = "its list of cases is malformed"
+    if why is not None:
+        raise RefattnError(f"golden generate: {path} is there but cannot be added to ({why}); write to another "
+                           f"--out, or move it away")
+    return manifest["cases"]
+
+
+def merge(kept: list[dict], fresh: dict[str, dict]) -> list[dict]:
+    """``kept`` with the ``fresh`` entries (by id) in their place, the new ones added; in the
+    built-in suite's order, then cases it does not know in their old order."""
+    order = {c.id: i for i, c in enumerate(suite())}
+    by_id = {e["id"]: e for e in kept}
+    by_id.update(fresh)
+    old_position = {e["id"]: i for i, e in enumerate(kept)}
+    return sorted(by_id.values(), key=lambda e: (order.get(e["id"], len(order)), old_position.get(e["id"], 0)))
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """An exclusive lock on the folder itself (no lock file is left in the suite)."""
+    if fcntl is None:                   # pragma: no cover
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                    # closing releases the lock
 
 
 def generate(out_dir, expr: str | None = None, progress=None) -> dict:
-    """Write the selected cases and ``manifest.json`` under ``out_dir``; return the manifest.
-    ``progress(i, n, case_id)`` is called before each case."""
+    """Write the selected cases under ``out_dir`` and merge them into its ``manifest.json``
+    (see the module); return the manifest. ``progress(i, n, case_id)`` is called before
+    each case."""
     out = Path(out_dir)
-    (out / "cases").mkdir(parents=True, exist_ok=True)
+    _folder(out)
+    existing_entries(out)               # refuse before the work, not after it
     cases = select(suite(), expr)
     if not cases:
         raise RefattnError(f"--filter {expr!r} selects no case (`refattn golden list` lists them)")
-    entries = []
+    fresh = {}
     for i, case in enumerate(cases):
         if progress is not None:
             progress(i, len(cases), case.id)
         inputs, gold, agree = compute_case(case)
         data = write_case(out / "cases" / f"{case.id}.npz", case_arrays(case, inputs, gold))
-        entries.append(manifest_entry(case, inputs, gold, agree, data))
+        fresh[case.id] = manifest_entry(case, inputs, gold, agree, data)
     if progress is not None:
         progress(len(cases), len(cases), "")
-    manifest = {**manifest_header(), "cases": entries}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    with _locked(out):
+        manifest = {**manifest_header(), "cases": merge(existing_entries(out), fresh)}
+        write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
