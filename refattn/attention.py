@@ -25,35 +25,40 @@ def _array_space(impl, backend: str, **arrays):
     return HOST
 
 
-def _overflow(name: str, idx) -> RefattnError:
+def _overflow(name: str, idx, dtype, what: str = "the result is not finite") -> RefattnError:
     return RefattnError(
-        f"{name}: the result is not finite at index {list(idx)} although every input is; "
-        "the scores overflow float64 (inputs of extreme magnitude?)"
+        f"{name}: {what} at index {list(idx)} although every input is finite; the computation "
+        f"overflows {np.dtype(dtype).name} (inputs of extreme magnitude?)"
     )
 
 
-def _check_result(r: Result, arrays) -> Result:
-    """Finite inputs must give a finite ``out`` and an ``lse`` that is finite or -inf."""
+def _check_result(r: Result, problem, arrays, dtype) -> Result:
+    """Finite inputs must give a finite ``out`` and an ``lse`` that is -inf exactly on the
+    mask's empty rows and finite on every other: a row whose sums overflowed is an error,
+    never passed off as an empty row (spec/semantics.md, section 7)."""
     idx = arrays.first_nonfinite(r.lse, allow_neginf=True)
     if idx is not None:
-        raise _overflow("lse", idx)
+        raise _overflow("lse", idx, dtype)
+    idx = arrays.first_bad_lse(problem, r.lse)
+    if idx is not None:
+        raise _overflow("lse", idx, dtype, "-inf on a row with allowed keys")
     idx = arrays.first_nonfinite(r.out)
     if idx is not None:
-        raise _overflow("out", idx)
+        raise _overflow("out", idx, dtype)
     return r
 
 
-def _check_grads(g: Grads, arrays) -> Grads:
+def _check_grads(g: Grads, arrays, dtype) -> Grads:
     for name in ("dq", "dk", "dv"):
         idx = arrays.first_nonfinite(getattr(g, name))
         if idx is not None:
-            raise _overflow(name, idx)
+            raise _overflow(name, idx, dtype)
     if g.dbias is not None:  # in the bias's layout, in host memory
         leaves = [g.dbias] if isinstance(g.dbias, np.ndarray) else [x for row in g.dbias for x in row]
         for leaf in leaves:
             idx = HOST.first_nonfinite(leaf)
             if idx is not None:
-                raise _overflow("dbias", idx)
+                raise _overflow("dbias", idx, dtype)
     return g
 
 
@@ -98,7 +103,7 @@ def forward(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=
     problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout,
                            arrays=arrays)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as an error
-        return _check_result(impl.forward(problem, config), arrays)
+        return _check_result(impl.forward(problem, config), problem, arrays, config.compute_dtype)
 
 
 def backward(q, k, v, out, lse, dout, mask=None, *, scale=None, softcap=None, bias=None,
@@ -121,4 +126,4 @@ def backward(q, k, v, out, lse, dout, mask=None, *, scale=None, softcap=None, bi
                            arrays=arrays)
     out, lse, dout, dlse = check_backward_inputs(problem, out, lse, dout, dlse, arrays)
     with np.errstate(over="ignore", invalid="ignore"):
-        return _check_grads(impl.backward(problem, out, lse, dout, dlse, config), arrays)
+        return _check_grads(impl.backward(problem, out, lse, dout, dlse, config), arrays, config.compute_dtype)

@@ -196,7 +196,8 @@ def test_overflowing_scores_are_an_error_not_an_empty_row():
     # S = 1e400 overflows to +inf: the row has an allowed key, so it must not be taken as empty.
     q = np.full((1, 1, 2, 1), 1e200)
     k = np.full((1, 1, 3, 1), 1e200)
-    with pytest.raises(RefattnError, match=r"lse: the result is not finite at index \[0, 0, 0\]"):
+    with pytest.raises(RefattnError, match=r"lse: the result is not finite at index \[0, 0, 0\] although every "
+                                           r"input is finite; the computation overflows float64"):
         refattn.forward(q, k, np.ones((1, 1, 3, 1)))
 
 
@@ -280,3 +281,47 @@ def test_a_misspelt_compute_dtype_is_an_error(qkv, backend, compute_dtype):
     q, k, v = qkv
     with pytest.raises(RefattnError, match=rf"compute_dtype: backend '{backend}' computes in"):
         refattn.forward(q, k, v, backend=backend, compute_dtype=compute_dtype)
+
+
+def _overflowing(kind, dtype=np.float64):
+    """The triggers of issue 19: (q, k, v, kwargs) whose scores overflow the compute dtype."""
+    if kind == "1e300":
+        q = np.full((1, 1, 4, 2), 1e300)
+        return q, q.copy(), np.ones((1, 1, 4, 2)), {}
+    if kind == "scale":
+        q = np.ones((1, 1, 4, 2))
+        return q, q.copy(), np.ones((1, 1, 4, 2)), {"scale": 1e308}
+    if kind == "1e154":                   # each product is finite, their sum over D = 2 is not
+        q = np.full((1, 1, 4, 2), 1e154)
+        q[0, 0, 1] = -1e154
+        return q, q.copy(), np.ones((1, 1, 4, 2)), {"scale": 1.0}
+    if kind == "one-row":                 # one row of four overflows, the others are fine
+        q = np.zeros((1, 1, 4, 1))
+        q[0, 0, 2] = 1e300
+        k = np.ones((1, 1, 4, 1))
+        return q, k * 1e10, np.ones((1, 1, 4, 1)), {"scale": 1.0}
+    raise AssertionError(kind)
+
+
+# Numba's CUDA simulator runs kernels as NumPy scalars in threads, outside the call's errstate:
+# its overflow warnings are the simulator's, not the backend's.
+SIMULATED_OVERFLOW = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                                                "ignore:invalid value encountered:RuntimeWarning")
+ALL_BACKENDS = [pytest.param(b, marks=SIMULATED_OVERFLOW) if b == "cuda" else b for b in refattn.backends.names()]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("kind", ["1e300", "scale", "1e154", "one-row"])
+def test_overflowing_scores_are_an_error_on_every_backend(backend, kind):
+    """Never a fake empty row (out = 0, lse = -inf) where the mask allows keys."""
+    q, k, v, kw = _overflowing(kind)
+    with pytest.raises(RefattnError, match=r"lse: .*although every input is finite; the computation overflows "
+                                           r"float64"):
+        refattn.forward(q, k, v, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "dense"])
+def test_overflowing_float32_compute_names_float32(backend):
+    q = np.full((1, 1, 4, 2), 1e20, np.float32)
+    with pytest.raises(RefattnError, match=r"the computation overflows float32"):
+        refattn.forward(q, q.copy(), np.ones((1, 1, 4, 2), np.float32), backend=backend, compute_dtype="float32")

@@ -350,11 +350,11 @@ def trace(q, k, v, mask=None, *, block_q, block_k, scale=None, softcap=None, bia
     config = configure(tiled, "tiled", np.float64, {"block_q": bq, "block_k": bk})
     rec = Recorder()
     with np.errstate(over="ignore", invalid="ignore"):  # as refattn.forward: an overflow is an error below
-        res = _check_result(tiled.forward(p, config, recorder=rec), HOST)
+        res = _check_result(tiled.forward(p, config, recorder=rec), p, HOST, config.compute_dtype)
         grads = None
         if backward:
             args = check_backward_inputs(p, res.out, res.lse, dout, dlse)
-            grads = _check_grads(tiled.backward(p, *args, config, recorder=rec), HOST)
+            grads = _check_grads(tiled.backward(p, *args, config, recorder=rec), HOST, config.compute_dtype)
     B, H, lq, lk = p.batch, p.heads, p.lq, p.lk
     nbq, nbk = -(-lq // bq), -(-lk // bk)
     forward = []
