@@ -387,8 +387,8 @@ def test_deepspeed_layouts(name, configs, reference):
     (lambda: patterns.DeepSpeedBigBird(block=4).mask(30, 30), "multiple of block = 4"),
     (lambda: patterns.DeepSpeedBigBird(block=4, num_random_blocks=3).mask(8, 8), "num_random_blocks = 3 exceeds"),
     (lambda: patterns.DeepSpeedBSLongformer(block=4).mask(8, 12), "need Lq == Lk"),
-    (lambda: patterns.Random(2, seed=2**64), "seed must be < 2\\*\\*64"),
-    (lambda: patterns.Random(-1), "per_row must be an int >= 0"),
+    (lambda: patterns.Random(2, seed=2**64), "seed must be an int in \\[0, 2\\*\\*64 - 1\\]"),
+    (lambda: patterns.Random(-1), "per_row must be an int in \\[0, 2\\*\\*40\\]"),
 ])
 def test_drawn_parameter_errors(call, message):
     with pytest.raises(RefattnError, match=message):

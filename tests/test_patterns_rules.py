@@ -119,14 +119,14 @@ def test_mask_algebra_broadcasts_groups(rng):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: patterns.SlidingWindow(-1, 0), "sliding_window.left must be an int >= 0"),
+    (lambda: patterns.SlidingWindow(-1, 0), "sliding_window.left must be an int in \\[0, 2\\*\\*40\\]"),
     (lambda: patterns.SlidingWindow(1.5, 0), "sliding_window.left must be an int"),
-    (lambda: patterns.DilatedSlidingWindow(2, 2, 0), "dilation must be an int >= 1"),
-    (lambda: patterns.ChunkedCausal(0), "chunk must be an int >= 1"),
-    (lambda: patterns.SinkWindow(1, 0), "window must be an int >= 1"),
+    (lambda: patterns.DilatedSlidingWindow(2, 2, 0), "dilation must be an int in \\[1, 2\\*\\*40\\]"),
+    (lambda: patterns.ChunkedCausal(0), "chunk must be an int in \\[1, 2\\*\\*40\\]"),
+    (lambda: patterns.SinkWindow(1, 0), "window must be an int in \\[1, 2\\*\\*40\\]"),
     (lambda: patterns.Document(), "exactly one of lengths and segment_ids"),
     (lambda: patterns.Document(segment_ids=[1, 0]), "non-decreasing"),
-    (lambda: patterns.Document(lengths=[2, 0]), r"lengths\[...\] must be an int >= 1"),
+    (lambda: patterns.Document(lengths=[2, 0]), r"lengths\[...\] must be an int in \[1, 2\*\*40\]"),
     (lambda: patterns.Document(lengths=[2, 3]).mask(4, 4), r"cover 5 positions; need Lq == Lk == 5"),
     (lambda: patterns.GlobalTokens([1, 1]), "must be unique"),
     (lambda: patterns.GlobalTokens([-1]), "ints >= 0"),
@@ -187,10 +187,10 @@ def test_fixed(lq, lk, block, data, causal):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: patterns.Strided(0), "strided.stride must be an int >= 1"),
+    (lambda: patterns.Strided(0), "strided.stride must be an int in \\[1, 2\\*\\*40\\]"),
     (lambda: patterns.Strided(2, causal=1), "strided.causal must be a bool"),
     (lambda: patterns.Fixed(4, 5), "fixed.summary must be <= block = 4"),
-    (lambda: patterns.Fixed(0, 0), "fixed.block must be an int >= 1"),
+    (lambda: patterns.Fixed(0, 0), "fixed.block must be an int in \\[1, 2\\*\\*40\\]"),
 ])
 def test_sparse_transformer_parameter_errors(call, message):
     with pytest.raises(RefattnError, match=message):

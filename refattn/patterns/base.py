@@ -147,11 +147,26 @@ def from_dict(d: dict) -> Pattern:
     return get(params.pop("name"), **params)
 
 
-def check_int(value, name: str, lowest: int = 0) -> int:
-    """A pattern parameter that must be an int >= ``lowest``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < lowest:
-        raise RefattnError(f"{name} must be an int >= {lowest}, got {value!r}")
+#: The largest value of an integer pattern parameter (a width, an offset, a block, a count):
+#: far beyond any length a mask can have, and small enough that a position plus or times
+#: one of them stays inside int64, where the builders compute (spec/patterns.md).
+MAX_PARAM = 2**40
+
+
+def check_int(value, name: str, lowest: int = 0, highest: int = MAX_PARAM) -> int:
+    """A pattern parameter that must be an integer in ``[lowest, highest]``, as a Python int
+    (a NumPy integer is converted, so no later arithmetic happens in its width)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or not lowest <= value <= highest:
+        top = "2**40" if highest == MAX_PARAM else ("2**64 - 1" if highest == 2**64 - 1 else str(highest))
+        raise RefattnError(f"{name} must be an int in [{lowest}, {top}], got {value!r}")
     return int(value)
+
+
+def keep(pattern, field: str, check, *args):
+    """Validate a frozen pattern's parameter with ``check(value, *args)`` and store what the
+    check returns (a NumPy integer becomes a Python int, a list a tuple, ...)."""
+    object.__setattr__(pattern, field, check(getattr(pattern, field), *args))
 
 
 def check_bool(value, name: str) -> bool:

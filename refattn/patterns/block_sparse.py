@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import RefattnError
 from ..mask import Mask
-from .base import Pattern, check_int, register, rows_from_block_csr
+from .base import Pattern, check_int, keep, register, rows_from_block_csr
 
 
 def check_layout(layout, name: str) -> np.ndarray:
@@ -52,7 +52,7 @@ class BlockSparse(Pattern):
 
     def __post_init__(self):
         object.__setattr__(self, "layout", check_layout(self.layout, "block_sparse.layout"))
-        check_int(self.block, "block_sparse.block", 1)
+        keep(self, "block", check_int, "block_sparse.block", 1)
 
     def __eq__(self, other):
         return (type(other) is type(self) and self.block == other.block

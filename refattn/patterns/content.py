@@ -25,7 +25,7 @@ from ..mask import Mask
 from . import _assemble, _dots
 from ._draw import draw, hash_normals
 from ._inputs import Inputs
-from .base import Pattern, check_bool, check_int, check_lengths, query_positions, register, rows_from_ranges
+from .base import Pattern, check_bool, check_int, check_lengths, keep, query_positions, register, rows_from_ranges
 from .stochastic import check_seed
 
 
@@ -133,15 +133,15 @@ class Lsh(_ContentPattern):
     name = "lsh"
 
     def __post_init__(self):
-        check_int(self.buckets, "lsh.buckets", 2)
+        keep(self, "buckets", check_int, "lsh.buckets", 2)
         if self.buckets % 2:
             raise RefattnError(f"lsh.buckets must be even (argmax over x R and -x R), got {self.buckets}")
-        check_int(self.hashes, "lsh.hashes", 1)
+        keep(self, "hashes", check_int, "lsh.hashes", 1)
         if self.chunk is not None:
-            check_int(self.chunk, "lsh.chunk", 1)
-        check_bool(self.shared_qk, "lsh.shared_qk")
-        check_bool(self.causal, "lsh.causal")
-        check_seed(self.seed, "lsh.seed")
+            keep(self, "chunk", check_int, "lsh.chunk", 1)
+        keep(self, "shared_qk", check_bool, "lsh.shared_qk")
+        keep(self, "causal", check_bool, "lsh.causal")
+        keep(self, "seed", check_seed, "lsh.seed")
         if self.chunk is not None and not self.shared_qk:
             raise RefattnError("lsh.chunk needs shared_qk=True: chunks of separately sorted queries "
                                "and keys would pair unrelated buckets")
@@ -214,10 +214,10 @@ class Routing(_ContentPattern):
     name = "routing"
 
     def __post_init__(self):
-        check_int(self.clusters, "routing.clusters", 1)
-        check_int(self.iterations, "routing.iterations", 0)
-        check_bool(self.causal, "routing.causal")
-        check_seed(self.seed, "routing.seed")
+        keep(self, "clusters", check_int, "routing.clusters", 1)
+        keep(self, "iterations", check_int, "routing.iterations", 0)
+        keep(self, "causal", check_bool, "routing.causal")
+        keep(self, "seed", check_seed, "routing.seed")
 
     def assign(self, x: np.ndarray, head: int, batch: int) -> np.ndarray:
         """Cluster of each row of the normalised points ``x (N, D)`` (spec order)."""
@@ -258,7 +258,7 @@ class TopK(_ContentPattern):
     name = "topk"
 
     def __post_init__(self):
-        check_int(self.k, "topk.k", 0)
+        keep(self, "k", check_int, "topk.k", 0)
         if self.base is not None and not isinstance(self.base, Pattern):
             raise RefattnError(f"topk.base must be a pattern or None, got {self.base!r}")
 
@@ -360,8 +360,8 @@ class NsaSelect(_ContentPattern):
     name = "nsa_select"
 
     def __post_init__(self):
-        check_int(self.block, "nsa_select.block", 1)
-        check_int(self.top_n, "nsa_select.top_n", 1)
+        keep(self, "block", check_int, "nsa_select.block", 1)
+        keep(self, "top_n", check_int, "nsa_select.top_n", 1)
         _check_scale(self.scale, "nsa_select.scale")
 
     def _build_content(self, lq: int, lk: int, inputs: Inputs) -> Mask:
@@ -437,8 +437,8 @@ class Moba(_ContentPattern):
     name = "moba"
 
     def __post_init__(self):
-        check_int(self.block, "moba.block", 1)
-        check_int(self.top_k, "moba.top_k", 1)
+        keep(self, "block", check_int, "moba.block", 1)
+        keep(self, "top_k", check_int, "moba.top_k", 1)
 
     def _build_content(self, lq: int, lk: int, inputs: Inputs) -> Mask:
         q, k = inputs.q, inputs.need_k(self.name)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import RefattnError
 from ..mask import Mask
-from .base import Pattern, check_bool, check_int, register
+from .base import Pattern, check_bool, check_int, keep, register
 from .block_sparse import mask_from_layout
 from .stochastic import check_seed
 
@@ -128,13 +128,13 @@ class DeepSpeedFixed(_DeepSpeedLayout):
 
     def __post_init__(self):
         n = "deepspeed_fixed"
-        check_int(self.block, f"{n}.block", 1)
-        check_int(self.num_local_blocks, f"{n}.num_local_blocks", 1)
-        check_int(self.num_global_blocks, f"{n}.num_global_blocks", 1)
+        keep(self, "block", check_int, f"{n}.block", 1)
+        keep(self, "num_local_blocks", check_int, f"{n}.num_local_blocks", 1)
+        keep(self, "num_global_blocks", check_int, f"{n}.num_global_blocks", 1)
         _check_attention(self.attention, f"{n}.attention")
-        check_bool(self.horizontal_global_attention, f"{n}.horizontal_global_attention")
-        check_int(self.num_different_global_patterns, f"{n}.num_different_global_patterns", 1)
-        check_bool(self.different_layout_per_head, f"{n}.different_layout_per_head")
+        keep(self, "horizontal_global_attention", check_bool, f"{n}.horizontal_global_attention")
+        keep(self, "num_different_global_patterns", check_int, f"{n}.num_different_global_patterns", 1)
+        keep(self, "different_layout_per_head", check_bool, f"{n}.different_layout_per_head")
         if self.num_local_blocks % self.num_global_blocks:
             raise RefattnError(f"{n}: num_local_blocks ({self.num_local_blocks}) must be a multiple of "
                                f"num_global_blocks ({self.num_global_blocks})")
@@ -181,8 +181,8 @@ class DeepSpeedVariable(_DeepSpeedLayout):
 
     def __post_init__(self):
         n = "deepspeed_variable"
-        check_int(self.block, f"{n}.block", 1)
-        check_int(self.num_random_blocks, f"{n}.num_random_blocks", 0)
+        keep(self, "block", check_int, f"{n}.block", 1)
+        keep(self, "num_random_blocks", check_int, f"{n}.num_random_blocks", 0)
         windows = _int_tuple(self.local_window_blocks, f"{n}.local_window_blocks", 1)
         if not windows:
             raise RefattnError(f"{n}.local_window_blocks must not be empty")
@@ -192,11 +192,11 @@ class DeepSpeedVariable(_DeepSpeedLayout):
         object.__setattr__(self, "global_block_end_indices",
                            _check_global_ranges(starts, self.global_block_end_indices, n))
         _check_attention(self.attention, f"{n}.attention")
-        check_bool(self.horizontal_global_attention, f"{n}.horizontal_global_attention")
-        check_bool(self.different_layout_per_head, f"{n}.different_layout_per_head")
+        keep(self, "horizontal_global_attention", check_bool, f"{n}.horizontal_global_attention")
+        keep(self, "different_layout_per_head", check_bool, f"{n}.different_layout_per_head")
         if self.attention != "bidirectional" and self.horizontal_global_attention:
             raise RefattnError(f"{n}: horizontal_global_attention needs attention='bidirectional'")
-        check_seed(self.seed, f"{n}.seed")
+        keep(self, "seed", check_seed, f"{n}.seed")
 
     def _layout_head(self, layout, h, rng):
         nb = layout.shape[1]
@@ -234,13 +234,13 @@ class DeepSpeedBigBird(_DeepSpeedLayout):
 
     def __post_init__(self):
         n = "deepspeed_bigbird"
-        check_int(self.block, f"{n}.block", 1)
-        check_int(self.num_random_blocks, f"{n}.num_random_blocks", 0)
-        check_int(self.num_sliding_window_blocks, f"{n}.num_sliding_window_blocks", 0)
-        check_int(self.num_global_blocks, f"{n}.num_global_blocks", 0)
+        keep(self, "block", check_int, f"{n}.block", 1)
+        keep(self, "num_random_blocks", check_int, f"{n}.num_random_blocks", 0)
+        keep(self, "num_sliding_window_blocks", check_int, f"{n}.num_sliding_window_blocks", 0)
+        keep(self, "num_global_blocks", check_int, f"{n}.num_global_blocks", 0)
         _check_attention(self.attention, f"{n}.attention")
-        check_bool(self.different_layout_per_head, f"{n}.different_layout_per_head")
-        check_seed(self.seed, f"{n}.seed")
+        keep(self, "different_layout_per_head", check_bool, f"{n}.different_layout_per_head")
+        keep(self, "seed", check_seed, f"{n}.seed")
 
     def _layout_head(self, layout, h, rng):
         nb = layout.shape[1]
@@ -277,14 +277,14 @@ class DeepSpeedBSLongformer(_DeepSpeedLayout):
 
     def __post_init__(self):
         n = "deepspeed_bslongformer"
-        check_int(self.block, f"{n}.block", 1)
-        check_int(self.num_sliding_window_blocks, f"{n}.num_sliding_window_blocks", 0)
+        keep(self, "block", check_int, f"{n}.block", 1)
+        keep(self, "num_sliding_window_blocks", check_int, f"{n}.num_sliding_window_blocks", 0)
         starts = _int_tuple(self.global_block_indices, f"{n}.global_block_indices")
         object.__setattr__(self, "global_block_indices", starts)
         object.__setattr__(self, "global_block_end_indices",
                            _check_global_ranges(starts, self.global_block_end_indices, n))
         _check_attention(self.attention, f"{n}.attention")
-        check_bool(self.different_layout_per_head, f"{n}.different_layout_per_head")
+        keep(self, "different_layout_per_head", check_bool, f"{n}.different_layout_per_head")
 
     def _layout_head(self, layout, h, rng):
         nb = layout.shape[1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..mask import Mask
-from .base import Pattern, check_int, register
+from .base import Pattern, check_int, keep, register
 from .global_tokens import GlobalTokens
 from .windows import DilatedSlidingWindow
 
@@ -24,8 +24,8 @@ class Longformer(Pattern):
     name = "longformer"
 
     def __post_init__(self):
-        check_int(self.window, "longformer.window", 0)
-        check_int(self.dilation, "longformer.dilation", 1)
+        keep(self, "window", check_int, "longformer.window", 0)
+        keep(self, "dilation", check_int, "longformer.dilation", 1)
         glob = GlobalTokens(self.global_indices)      # validates and sorts the indices
         object.__setattr__(self, "global_indices", glob.indices)
 

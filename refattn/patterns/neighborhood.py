@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import RefattnError
 from ..mask import Mask
-from .base import Pattern, _allocate, _finish, check_bool, check_int, register
+from .base import Pattern, _allocate, _finish, check_bool, check_int, keep, register
 
 
 def axis_window(x: np.ndarray, length: int, kernel: int, dilation: int, causal: bool):
@@ -50,8 +50,8 @@ class Neighborhood2D(Pattern):
 
     def __post_init__(self):
         for f in ("height", "width", "kernel", "dilation"):
-            check_int(getattr(self, f), f"neighborhood_2d.{f}", 1)
-        check_bool(self.causal, "neighborhood_2d.causal")
+            keep(self, f, check_int, f"neighborhood_2d.{f}", 1)
+        keep(self, "causal", check_bool, "neighborhood_2d.causal")
         if self.kernel * self.dilation > min(self.height, self.width):
             raise RefattnError(f"neighborhood_2d: kernel * dilation = {self.kernel * self.dilation} must be "
                                f"<= min(height, width) = {min(self.height, self.width)}")

@@ -14,7 +14,7 @@ from ..alignment import DEFAULT_ALIGN
 from ..errors import RefattnError
 from ..mask import Mask
 from ._fill import fill_fixed
-from .base import (Pattern, _allocate, _finish, check_bool, check_int, query_positions, register,
+from .base import (Pattern, _allocate, _finish, check_bool, check_int, keep, query_positions, register,
                    rows_from_progressions, rows_from_ranges)
 
 
@@ -45,7 +45,7 @@ class StridedLocal(Pattern):
     name = "strided_local"
 
     def __post_init__(self):
-        check_int(self.stride, "strided_local.stride", 1)
+        keep(self, "stride", check_int, "strided_local.stride", 1)
 
     def _build(self, lq: int, lk: int) -> Mask:
         return _local(self.stride, lq, lk)
@@ -61,8 +61,8 @@ class StridedDilated(Pattern):
     name = "strided_dilated"
 
     def __post_init__(self):
-        check_int(self.stride, "strided_dilated.stride", 1)
-        check_bool(self.causal, "strided_dilated.causal")
+        keep(self, "stride", check_int, "strided_dilated.stride", 1)
+        keep(self, "causal", check_bool, "strided_dilated.causal")
 
     def _build(self, lq: int, lk: int) -> Mask:
         return _dilated(self.stride, self.causal, lq, lk)
@@ -79,8 +79,8 @@ class Strided(Pattern):
     name = "strided"
 
     def __post_init__(self):
-        check_int(self.stride, "strided.stride", 1)
-        check_bool(self.causal, "strided.causal")
+        keep(self, "stride", check_int, "strided.stride", 1)
+        keep(self, "causal", check_bool, "strided.causal")
 
     def _build(self, lq: int, lk: int) -> Mask:
         return _local(self.stride, lq, lk) | _dilated(self.stride, self.causal, lq, lk)
@@ -98,11 +98,11 @@ class Fixed(Pattern):
     name = "fixed"
 
     def __post_init__(self):
-        check_int(self.block, "fixed.block", 1)
-        check_int(self.summary, "fixed.summary", 0)
+        keep(self, "block", check_int, "fixed.block", 1)
+        keep(self, "summary", check_int, "fixed.summary", 0)
         if self.summary > self.block:
             raise RefattnError(f"fixed.summary must be <= block = {self.block}, got {self.summary}")
-        check_bool(self.causal, "fixed.causal")
+        keep(self, "causal", check_bool, "fixed.causal")
 
     def _build(self, lq: int, lk: int) -> Mask:
         # One compiled pass per row, in key order: O(Lq + nnz), the CSR its only large array.

@@ -15,15 +15,12 @@ from ..alignment import DEFAULT_ALIGN
 from ..errors import RefattnError
 from ..mask import Mask, _index_dtype
 from ._draw import draw
-from .base import (Pattern, _finish, check_bool, check_int, query_positions, register,
+from .base import (Pattern, _finish, check_bool, check_int, keep, query_positions, register,
                    rows_from_block_csr)
 
 
 def check_seed(seed, name: str) -> int:
-    seed = check_int(seed, name, 0)
-    if seed >= 2**64:
-        raise RefattnError(f"{name} must be < 2**64, got {seed}")
-    return seed
+    return check_int(seed, name, 0, 2**64 - 1)
 
 
 def _per_head(build, heads: int | None) -> Mask:
@@ -46,9 +43,9 @@ class Random(Pattern):
     name = "random"
 
     def __post_init__(self):
-        check_int(self.per_row, "random.per_row", 0)
-        check_seed(self.seed, "random.seed")
-        check_bool(self.causal, "random.causal")
+        keep(self, "per_row", check_int, "random.per_row", 0)
+        keep(self, "seed", check_seed, "random.seed")
+        keep(self, "causal", check_bool, "random.causal")
 
     def _draw_head(self, lq: int, lk: int, head: int) -> Mask:
         if self.causal:
@@ -105,14 +102,14 @@ class BigBird(Pattern):
     name = "bigbird"
 
     def __post_init__(self):
-        check_int(self.block, "bigbird.block", 1)
-        check_int(self.num_window_blocks, "bigbird.num_window_blocks", 1)
+        keep(self, "block", check_int, "bigbird.block", 1)
+        keep(self, "num_window_blocks", check_int, "bigbird.num_window_blocks", 1)
         if self.num_window_blocks % 2 == 0:
             raise RefattnError(f"bigbird.num_window_blocks must be odd (a centred window), "
                                f"got {self.num_window_blocks}")
-        check_int(self.num_global_blocks, "bigbird.num_global_blocks", 0)
-        check_int(self.num_random_blocks, "bigbird.num_random_blocks", 0)
-        check_seed(self.seed, "bigbird.seed")
+        keep(self, "num_global_blocks", check_int, "bigbird.num_global_blocks", 0)
+        keep(self, "num_random_blocks", check_int, "bigbird.num_random_blocks", 0)
+        keep(self, "seed", check_seed, "bigbird.seed")
 
     def block_csr(self, nb: int, head: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """The block layout of head ``head`` for ``nb`` blocks as a block CSR

@@ -10,7 +10,7 @@ import numpy as np
 from ..alignment import DEFAULT_ALIGN, check_align
 from ..errors import RefattnError
 from ..mask import Mask
-from .base import (Pattern, check_bool, check_int, query_positions, register,
+from .base import (Pattern, check_bool, check_int, keep, query_positions, register,
                    rows_from_prefix_and_range, rows_from_progressions, rows_from_ranges)
 
 
@@ -26,8 +26,8 @@ class SlidingWindow(Pattern):
     name = "sliding_window"
 
     def __post_init__(self):
-        check_int(self.left, "sliding_window.left")
-        check_int(self.right, "sliding_window.right")
+        keep(self, "left", check_int, "sliding_window.left")
+        keep(self, "right", check_int, "sliding_window.right")
         check_align(self.align, "sliding_window.align")
 
     def _build(self, lq: int, lk: int) -> Mask:
@@ -48,9 +48,9 @@ class DilatedSlidingWindow(Pattern):
     name = "dilated_sliding_window"
 
     def __post_init__(self):
-        check_int(self.left, "dilated_sliding_window.left")
-        check_int(self.right, "dilated_sliding_window.right")
-        check_int(self.dilation, "dilated_sliding_window.dilation", 1)
+        keep(self, "left", check_int, "dilated_sliding_window.left")
+        keep(self, "right", check_int, "dilated_sliding_window.right")
+        keep(self, "dilation", check_int, "dilated_sliding_window.dilation", 1)
         check_align(self.align, "dilated_sliding_window.align")
 
     def _build(self, lq: int, lk: int) -> Mask:
@@ -72,7 +72,7 @@ class PrefixLM(Pattern):
     name = "prefix_lm"
 
     def __post_init__(self):
-        check_int(self.prefix, "prefix_lm.prefix")
+        keep(self, "prefix", check_int, "prefix_lm.prefix")
 
     def _build(self, lq: int, lk: int) -> Mask:
         ip = query_positions(lq, lk, DEFAULT_ALIGN)
@@ -88,7 +88,7 @@ class ChunkedCausal(Pattern):
     name = "chunked_causal"
 
     def __post_init__(self):
-        check_int(self.chunk, "chunked_causal.chunk", 1)
+        keep(self, "chunk", check_int, "chunked_causal.chunk", 1)
 
     def _build(self, lq: int, lk: int) -> Mask:
         ip = query_positions(lq, lk, DEFAULT_ALIGN)
@@ -107,8 +107,8 @@ class SinkWindow(Pattern):
     name = "sink_window"
 
     def __post_init__(self):
-        check_int(self.sinks, "sink_window.sinks")
-        check_int(self.window, "sink_window.window", 1)
+        keep(self, "sinks", check_int, "sink_window.sinks")
+        keep(self, "window", check_int, "sink_window.window", 1)
 
     def _build(self, lq: int, lk: int) -> Mask:
         ip = query_positions(lq, lk, DEFAULT_ALIGN)
@@ -143,7 +143,7 @@ class Document(Pattern):
             if np.any(np.diff(ids) < 0):
                 raise RefattnError("document.segment_ids must be non-decreasing (documents are contiguous)")
             object.__setattr__(self, "segment_ids", tuple(ids.tolist()))
-        check_bool(self.causal, "document.causal")
+        keep(self, "causal", check_bool, "document.causal")
 
     def _lengths(self) -> np.ndarray:
         if self.lengths is not None:
