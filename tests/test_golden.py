@@ -207,7 +207,7 @@ def test_check_flipped_byte_with_resynced_checksum(capsys, suite_copy):
     _flip_byte(suite_copy / "cases" / "feature-gqa.npz", "out")
     _resync(suite_copy, "feature-gqa")
     out, _ = _check_fails(capsys, suite_copy, "feature-gqa")
-    assert "cannot read case file" in out and "CRC" in out
+    assert "is not a valid case file" in out and "CRC" in out
 
 
 @pytest.mark.parametrize("name, delta, message", [
@@ -247,7 +247,7 @@ def test_check_missing_file(capsys, suite_copy):
 def test_check_missing_file_in_a_full_check(capsys, suite_copy):
     (suite_copy / "cases" / "feature-softcap.npz").unlink()
     out, _ = _check_fails(capsys, suite_copy)
-    assert re.search(r"^FAIL +feature-softcap +[0-9.]+ +cannot read", out, re.M), out
+    assert re.search(r"^FAIL +feature-softcap +[0-9.]+ +case feature-softcap: cannot read", out, re.M), out
     assert "53 of 54 case(s) pass" in out and "intact" not in out
 
 

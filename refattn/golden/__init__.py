@@ -18,14 +18,15 @@ from .cases import GRID_MAX, GRID_STEP, Case, case_mask, grid_values, id_matches
 from .check import CheckResult, check, check_case
 from .generate import generate
 from .locate import default_golden_dir, resolve_golden_dir
-from .manifest import FORMAT, SCHEMA_VERSION, load_manifest, manifest_entry, manifest_header, select_entries
+from .manifest import (FORMAT, SCHEMA_VERSION, check_entry, entry_id, load_manifest, manifest_entry, manifest_header,
+                       select_entries)
 from .routes import AGREEMENT_BOUND, ROUTES, agreement, compute_case, run_route
 from .tolerance import ATOL_ULPS, BASELINE_RTOL, EPS, FACTOR, INPUT_DTYPES, TENSORS, allowed, baselines
 
 __all__ = [
     "AGREEMENT_BOUND", "ATOL_ULPS", "BASELINE_RTOL", "EPS", "FACTOR", "FORMAT", "GRID_MAX", "GRID_STEP",
     "INPUT_DTYPES", "ROUTES", "SCHEMA_VERSION", "TENSORS", "Case", "CheckResult", "agreement", "allowed",
-    "baselines", "case_arrays", "case_mask", "check", "check_case", "compute_case", "default_golden_dir",
+    "baselines", "case_arrays", "case_mask", "check", "check_case", "check_entry", "entry_id", "compute_case", "default_golden_dir",
     "generate", "grid_values", "id_matches", "load_manifest", "make_inputs", "manifest_entry", "manifest_header",
     "read_case", "resolve_golden_dir", "run_route", "select", "select_entries", "sha256", "suite", "write_case",
 ]

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import os
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -100,13 +101,110 @@ def write_atomic(path, data: bytes) -> None:
         raise
 
 
-def read_case(path) -> dict[str, np.ndarray]:
-    """The arrays of a case file; `RefattnError` (not a traceback) if it is unreadable."""
+# ---- reading files from a folder that is not trusted (spec/golden-format.md, "Threat model") ----
+
+#: The largest manifest and case file a suite may hold.
+MAX_MANIFEST_BYTES = 256 * 2**20
+MAX_CASE_BYTES = 4 * 2**30
+#: The dtypes a case file's arrays may have.
+ARRAY_DTYPES = frozenset(np.dtype(d) for d in ("<f8", "<i8", "|u1", "|b1"))
+
+
+def check_relative(relpath, what: str) -> Path:
+    """``relpath`` as a path inside a folder: relative, no ``..``, no empty or odd parts."""
+    if not isinstance(relpath, str) or not relpath or "\0" in relpath or "\\" in relpath:
+        raise RefattnError(f"{what}: expected a relative path inside the suite, got {relpath!r}")
+    parts = relpath.split("/")
+    if relpath.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise RefattnError(f"{what}: {relpath!r} is not a plain relative path inside the suite "
+                           "(no leading /, no . or .. parts)")
+    return Path(*parts)
+
+
+def read_confined(folder, relpath: str, limit: int, what: str) -> bytes:
+    """The bytes of the regular file ``folder/relpath``, read without following a symbolic
+    link below ``folder``, without blocking on a FIFO or device, and only if it holds at
+    most ``limit`` bytes; `RefattnError` naming the file otherwise."""
+    folder = Path(folder)
+    rel = check_relative(relpath, what)
+    path = folder
+    for part in rel.parts:
+        path = path / part
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            raise RefattnError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise RefattnError(f"{what}: {path} is a symbolic link; a suite's files are read only as "
+                               "regular files inside its folder")
+    if not stat.S_ISREG(st.st_mode):
+        raise RefattnError(f"{what}: {path} is not a regular file")
+    if st.st_size > limit:
+        raise RefattnError(f"{what}: {path} holds {st.st_size} bytes; at most {limit} expected")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {name: z[name] for name in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise RefattnError(f"golden: cannot read case file {path}: {type(e).__name__}: {e}") from None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise RefattnError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())                   # the file opened, not the one looked at
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            raise RefattnError(f"{what}: {path} changed while it was read")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise RefattnError(f"{what}: {path} grew past {limit} bytes while it was read")
+    return data
+
+
+def parse_case(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """The arrays of a case file's bytes. Every member's ``.npy`` header is read first: only
+    the dtypes of `ARRAY_DTYPES`, no pickles, and a declared shape whose data the member
+    holds exactly, so that no header makes it allocate more than the file's size."""
+    def bad(why: str) -> RefattnError:
+        return RefattnError(f"golden: case file {where} is not a valid case file: {why}")
+
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise bad(f"{type(e).__name__}: {e}") from None
+    arrays: dict[str, np.ndarray] = {}
+    with zf:
+        for info in infos:
+            name = info.filename
+            if not name.endswith(".npy") or "/" in name or name[:-4] in arrays:
+                raise bad(f"unexpected member {name!r}")
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size > len(data):
+                raise bad(f"member {name!r} is compressed or larger than the file (case files are stored "
+                          "uncompressed)")
+            try:
+                with zf.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)(member)
+                    shape, fortran, dtype = header
+                    if dtype not in ARRAY_DTYPES or dtype.hasobject or fortran:
+                        raise bad(f"member {name!r} has dtype {dtype}{' (Fortran order)' if fortran else ''}; "
+                                  f"case files hold only {sorted(d.str for d in ARRAY_DTYPES)}")
+                    count = 1
+                    for n in shape:
+                        count *= int(n)
+                    if count * dtype.itemsize != info.file_size - member.tell():
+                        raise bad(f"member {name!r} declares shape {shape} of {dtype}, which its "
+                                  f"{info.file_size - member.tell()} data bytes do not hold")
+                    values = np.frombuffer(member.read(count * dtype.itemsize), dtype=dtype).reshape(shape)
+            except RefattnError:
+                raise
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, TypeError) as e:
+                raise bad(f"member {name!r}: {type(e).__name__}: {e}") from None
+            arrays[name[:-4]] = values.copy()       # writable, owned
+    return arrays
+
+
+def read_case(path) -> dict[str, np.ndarray]:
+    """The arrays of the case file at ``path``, read as `read_confined` and `parse_case` do
+    (in its own folder); `RefattnError` (not a traceback) if it cannot be."""
+    path = Path(path)
+    return parse_case(read_confined(path.parent, path.name, MAX_CASE_BYTES, "golden"), str(path))
 
 
 def sha256(data: bytes) -> str:

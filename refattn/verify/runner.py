@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import golden
+from ..golden.trust import load_case
 from ..errors import RefattnError
 from .frame import FRAMEWORKS, LAYOUTS, Frame, is_causal_top_left, per_bh_dense, rebuild_mask
 from .impl import Impl, Unsupported, accepts, failure, outputs
@@ -38,11 +39,18 @@ DTYPES = golden.INPUT_DTYPES
 
 def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", layout: str = "bhsd",
                 framework: str = "numpy") -> CaseVerdict:
-    """Run ``impl`` on one case and judge it (spec/tolerance.md)."""
-    cid = entry["id"]
-    arrays = golden.read_case(Path(golden_dir) / entry["file"])
+    """Run ``impl`` on one case and judge it (spec/tolerance.md). The case is read as from
+    an untrusted folder (`refattn.golden.trust`): a case that fails its checks is this
+    case's ERROR, before the implementation is called."""
+    cid = golden.entry_id(entry)
+    try:
+        arrays = load_case(golden_dir, entry)
+        mask = rebuild_mask(arrays, entry)
+        if dtype not in entry["allowed"]:
+            raise RefattnError(f"case {cid}: the manifest has no allowed errors for {dtype}")
+    except RefattnError as e:
+        return CaseVerdict(cid, "error", f"the suite: {e}")
     frame = Frame(framework, layout, dtype)
-    mask = rebuild_mask(arrays, entry)
     s = entry["shape"]
     B, H = s["B"], s["H"]
     kwargs: dict = {"scale": entry["scale"]}
