@@ -25,6 +25,7 @@ from pathlib import Path
 from .. import golden
 from ..errors import RefattnError
 from ..golden import default_golden_dir
+from ..golden.trust import load_case
 from .impl import Impl
 from .runner import verify_case
 
@@ -38,14 +39,14 @@ class GoldenCase:
 
     @property
     def id(self) -> str:
-        return self.entry["id"]
+        return golden.entry_id(self.entry)
 
     def __str__(self) -> str:
         return self.id
 
     def arrays(self) -> dict:
-        """The case file's arrays (spec/golden-format.md)."""
-        return golden.read_case(self.golden_dir / self.entry["file"])
+        """The case file's arrays, checked as `refattn.golden.trust` checks an untrusted suite."""
+        return load_case(self.golden_dir, self.entry)
 
 
 def golden_cases(filter: str | None = None, golden_dir=None) -> list[GoldenCase]:  # noqa: A002
