@@ -247,3 +247,9 @@ def interrupted_on_gqa(q, k, v, *, mask, scale, **kw):
     if q.shape[1] != k.shape[1]:
         raise KeyboardInterrupt
     return _fwd(q, k, v, mask=mask, scale=scale, **kw)
+
+
+def dense_mask_form(q, k, v, *, mask, scale, **kw):
+    """Correct, taking the mask as a dense (Bm, Hm, Lq, Lk) bool array (the default form)."""
+    m = np.asarray(mask)
+    return _fwd(q, k, v, mask=Mask.from_dense(m[0, 0] if m.shape[:2] == (1, 1) else m), scale=scale, **kw)

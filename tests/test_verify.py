@@ -523,3 +523,19 @@ def test_ctrl_c_stops_the_run_and_keeps_the_table(capsys):
                                             "backward not checked: no backward given; interrupted: 2 case(s) not run")
     with pytest.raises(KeyboardInterrupt):
         verdicts(bi.interrupted_on_gqa, "feature-gqa")
+
+
+def test_dense_forms_past_the_bound_are_unsupported_not_allocated(capsys, monkeypatch):
+    """The verifier builds no dense (B, H, Lq, Lk) array past MAX_DENSE_ENTRIES (2**28 here;
+    a small bound stands in for a case of 16k tokens): such a case is unsupported for an
+    implementation that takes dense masks, and judged for one that takes CSR."""
+    from refattn.verify import frame
+
+    monkeypatch.setattr(frame, "MAX_DENSE_ENTRIES", 48 * 48 - 1)
+    dense_form = verdicts(bi.dense_mask_form, "pattern-causal,feature-dropout")
+    assert dense_form["pattern-causal"].status == "unsupported"
+    assert "the mask would be a dense array of 2304 entries (1, 1, 48, 48)" in dense_form["pattern-causal"].message
+    csr_form = verdicts(refattn.adapters.dense, "pattern-causal,feature-dropout")
+    assert csr_form["pattern-causal"].status == "pass"
+    assert csr_form["feature-dropout"].status == "unsupported"
+    assert "the dropout keep-mask would be a dense array" in csr_form["feature-dropout"].message

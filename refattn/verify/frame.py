@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from ..errors import RefattnError
 from ..mask import Mask
+from ..patterns import Causal
 
 LAYOUTS = ("bhsd", "bshd")
 FRAMEWORKS = ("numpy", "torch")
@@ -40,6 +41,22 @@ def per_bh_dense(values: np.ndarray, offsets: np.ndarray, mask: Mask, B: int, H:
     return out
 
 
+#: The most entries of a dense ``(B, H, Lq, Lk)`` array the verifier builds for an
+#: implementation (a dense mask, a sparse bias or dropout keep-mask given densely): past it
+#: the case is unsupported in that form, never a huge allocation (spec/verify.md).
+MAX_DENSE_ENTRIES = 2**28
+
+
+def dense_size_problem(what: str, shape: tuple[int, ...], hint: str = "") -> str | None:
+    """Why a dense array of ``shape`` is not built, or None."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if n <= MAX_DENSE_ENTRIES:
+        return None
+    return f"{what} would be a dense array of {n} entries {tuple(shape)}, more than the verifier builds (2**28){hint}"
+
+
 def is_causal_top_left(mask: Mask) -> bool | None:
     """True for the top-left causal mask, False for the dense one, None otherwise."""
     lq, lk = mask.matrix_shape
@@ -47,8 +64,7 @@ def is_causal_top_left(mask: Mask) -> bool | None:
         return None
     if mask == Mask.full(lq, lk):
         return False
-    tril = Mask.from_dense(np.tril(np.ones((lq, lk), bool)))
-    return True if mask == tril else None
+    return True if mask == Causal(align="top_left").mask(lq, lk) else None
 
 
 def to_dtype(x: np.ndarray, dtype: str):

@@ -30,7 +30,7 @@ import numpy as np
 from .. import golden
 from ..golden.trust import load_case
 from ..errors import RefattnError
-from .frame import FRAMEWORKS, LAYOUTS, Frame, is_causal_top_left, per_bh_dense, rebuild_mask
+from .frame import FRAMEWORKS, LAYOUTS, Frame, dense_size_problem, is_causal_top_left, per_bh_dense, rebuild_mask
 from .impl import Impl, Unsupported, accepts, failure, outputs
 from .verdict import CaseVerdict, compare
 
@@ -51,6 +51,7 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
     except RefattnError as e:
         return CaseVerdict(cid, "error", f"the suite: {e}")
     frame = Frame(framework, layout, dtype)
+    bias = entry["bias"]
     s = entry["shape"]
     B, H = s["B"], s["H"]
     kwargs: dict = {"scale": entry["scale"]}
@@ -63,6 +64,10 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
             return CaseVerdict(cid, "unsupported", "mask is neither dense nor top-left causal")
         kwargs["mask"] = causal
     else:
+        why = dense_size_problem("the mask", (*mask.group_shape, *mask.matrix_shape),
+                                 '; take the mask as csr (mask_form = "csr")')
+        if why is not None:
+            return CaseVerdict(cid, "unsupported", why)
         dense = mask.to_dense()
         dense = dense.reshape((1, 1) + dense.shape) if dense.ndim == 2 else dense
         if form == "flex":
@@ -70,9 +75,13 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
             kwargs["mask_dense"] = frame.tensor(dense)
         else:
             kwargs["mask"] = frame.tensor(dense)
+    for kind, what in (((bias or {}).get("kind") == "sparse", "the sparse bias"),
+                       (entry["dropout_p"] is not None, "the dropout keep-mask")):
+        why = dense_size_problem(what, (B, H, *mask.matrix_shape)) if kind else None
+        if why is not None:
+            return CaseVerdict(cid, "unsupported", why)
     if entry["softcap"] is not None:
         kwargs["softcap"] = entry["softcap"]
-    bias = entry["bias"]
     if bias is not None and bias["kind"] == "dense":
         kwargs["bias"] = frame.tensor(arrays["bias"])
     elif bias is not None and bias["kind"] == "sparse":
