@@ -253,3 +253,30 @@ def dense_mask_form(q, k, v, *, mask, scale, **kw):
     """Correct, taking the mask as a dense (Bm, Hm, Lq, Lk) bool array (the default form)."""
     m = np.asarray(mask)
     return _fwd(q, k, v, mask=Mask.from_dense(m[0, 0] if m.shape[:2] == (1, 1) else m), scale=scale, **kw)
+
+
+# ---- outputs that are no arrays of real numbers --------------------------------------------------
+
+@_csr
+def returns_a_generator(q, k, v, *, mask, scale, **kw):
+    out, lse = _fwd(q, k, v, mask=mask, scale=scale, **kw)
+    return (x for x in out), lse
+
+
+@_csr
+def returns_complex(q, k, v, *, mask, scale, **kw):
+    out, lse = _fwd(q, k, v, mask=mask, scale=scale, **kw)
+    return out.astype(np.complex128) + 1e-3j, lse
+
+
+@_csr
+def returns_a_grad_tensor(q, k, v, *, mask, scale, **kw):
+    import torch
+
+    out, lse = _fwd(q, k, v, mask=mask, scale=scale, **kw)
+    return torch.tensor(np.asarray(out, np.float64), requires_grad=True), lse
+
+
+@_csr
+def returns_a_string(q, k, v, *, mask, scale, **kw):
+    return "out", None

@@ -539,3 +539,19 @@ def test_dense_forms_past_the_bound_are_unsupported_not_allocated(capsys, monkey
     assert csr_form["pattern-causal"].status == "pass"
     assert csr_form["feature-dropout"].status == "unsupported"
     assert "the dropout keep-mask would be a dense array" in csr_form["feature-dropout"].message
+
+
+@pytest.mark.parametrize("name, note", [
+    ("returns_a_generator", "out: expected an array of real numbers, got dtype object (tuple)"),
+    ("returns_complex", "out: expected an array of real numbers, got dtype complex128 (ndarray)"),
+    ("returns_a_string", "out: expected an array of real numbers, got dtype <U3 (str)"),
+])
+def test_outputs_that_are_no_real_arrays_fail_with_the_reason(name, note):
+    v = verdicts(getattr(bi, name), "pattern-causal")["pattern-causal"]
+    assert v.status == "fail" and v.tensors[0].name == "out" and v.tensors[0].note.startswith(note.split(" (")[0])
+
+
+def test_a_tensor_that_requires_grad_is_read():
+    pytest.importorskip("torch")
+    v = verdicts(bi.returns_a_grad_tensor, "pattern-causal")["pattern-causal"]
+    assert v.status == "pass", v

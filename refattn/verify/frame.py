@@ -97,14 +97,33 @@ class Frame:
             return t.to(getattr(torch, self.dtype)) if cast else t
         return to_dtype(x, self.dtype) if cast and x.dtype != bool else x
 
-    def back(self, x, *, seq: bool = False) -> np.ndarray:
-        """An output as a float64 BHSD NumPy array (exact)."""
+    def back(self, x, name: str, *, seq: bool = False) -> np.ndarray | None:
+        """An output as a float64 BHSD NumPy array (exact); None stays None. Anything that is
+        no array of real numbers (a generator, a complex array, a tensor that cannot be read)
+        is a `RefattnError` naming ``name``: it is that tensor's failure, never a value with
+        a part dropped."""
         if x is None:
             return None
-        if self.framework == "torch" and isinstance(x, self.torch.Tensor):
-            x = x.detach().to("cpu")
-            x = (x.to(self.torch.float64) if x.is_floating_point() else x).numpy()
-        x = np.asarray(x).astype(np.float64)
+        try:
+            if type(x).__module__.split(".")[0] == "torch":      # any framework: a torch tensor is read
+                import torch
+
+                x = x.detach().to("cpu")
+                if x.is_complex():
+                    raise RefattnError(f"{name}: expected real numbers, got a {x.dtype} tensor")
+                x = (x.to(torch.float64) if x.is_floating_point() else x).numpy()
+            a = np.asarray(x)
+        except RefattnError:
+            raise
+        except Exception as e:  # noqa: BLE001  whatever the object raises, it is not an array
+            raise RefattnError(f"{name}: cannot be read as an array ({type(x).__name__}: {type(e).__name__}: "
+                               f"{e})") from None
+        if a.dtype.kind not in "fiub":
+            raise RefattnError(f"{name}: expected an array of real numbers, got dtype {a.dtype} "
+                               f"({type(x).__name__})")
+        a = a.astype(np.float64)
         if seq and self.layout == "bshd":
-            x = np.swapaxes(x, 1, 2)
-        return x
+            if a.ndim != 4:
+                raise RefattnError(f"{name}: expected a 4-D array in the bshd layout, got shape {a.shape}")
+            a = np.swapaxes(a, 1, 2)
+        return a

@@ -23,16 +23,18 @@ also raise `Unsupported` itself.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
 from .. import golden
-from ..golden.trust import load_case
 from ..errors import RefattnError
+from ..golden.trust import load_case
+from ..mask import Mask
 from .frame import FRAMEWORKS, LAYOUTS, Frame, dense_size_problem, is_causal_top_left, per_bh_dense, rebuild_mask
 from .impl import Impl, Unsupported, accepts, failure, outputs
-from .verdict import CaseVerdict, compare
+from .verdict import CaseVerdict, TensorVerdict, compare
 
 DTYPES = golden.INPUT_DTYPES
 
@@ -110,9 +112,8 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
     except BaseException as e:  # noqa: B036  the implementation's failure, sys.exit included, is a verdict
         message, tb = failure(e, impl.forward, "forward")
         return CaseVerdict(cid, "error", message, traceback=tb)
-    out, lse = frame.back(got["out"], seq=True), frame.back(got["lse"])
-    verdicts = [compare("out", out, arrays["out"], allowed["out"], empty_rows),
-                compare("lse", lse, arrays["lse"], allowed["lse"], None)]
+    verdicts = [judge(frame, "out", got["out"], arrays["out"], allowed["out"], empty_rows, seq=True),
+                judge(frame, "lse", got["lse"], arrays["lse"], allowed["lse"], None)]
     if impl.backward is not None:
         bkw = dict(kwargs)
         if entry["dlse"]:
@@ -132,19 +133,35 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
             message, tb = failure(e, impl.backward, "backward")
             return CaseVerdict(cid, "error", message, verdicts, traceback=tb)
         for name in ("dq", "dk", "dv"):
-            verdicts.append(compare(name, frame.back(g[name], seq=True), arrays[name], allowed[name],
-                                     empty_rows if name == "dq" else None))
+            verdicts.append(judge(frame, name, g[name], arrays[name], allowed[name],
+                                  empty_rows if name == "dq" else None, seq=True))
         if bias is not None:
-            dbias = frame.back(g["dbias"])
-            if dbias is not None and bias["kind"] == "sparse":   # the gradient on the mask's nonzeros
-                dbias = np.concatenate([dbias[b, h][mask.group(b, h).toarray()] for b in range(B)
-                                        for h in range(H)]) if dbias.ndim == 4 else dbias
-                gold = arrays["dbias_values"]
+            if bias["kind"] == "sparse":                    # the gradient on the mask's nonzeros
+                verdicts.append(judge(frame, "dbias", g["dbias"], arrays["dbias_values"], allowed["dbias"], None,
+                                      on_nonzeros=mask))
             else:
-                gold = arrays.get("dbias")
-            verdicts.append(compare("dbias", dbias, gold, allowed["dbias"], None))
+                verdicts.append(judge(frame, "dbias", g["dbias"], arrays.get("dbias"), allowed["dbias"], None))
     failed = next((t for t in verdicts if not t.ok), None)
     return CaseVerdict(cid, "fail" if failed else "pass", "", verdicts)
+
+
+def judge(frame: Frame, name: str, got, gold: np.ndarray, allowed: float, empty, *, seq: bool = False,
+          on_nonzeros: Mask | None = None) -> TensorVerdict:
+    """One returned tensor against the gold (`compare`); something that is no array of real
+    numbers fails with the reason. ``on_nonzeros``: a dense ``(B, H, Lq, Lk)`` result is
+    judged on that mask's entries (a sparse bias's gradient), in CSR order."""
+    try:
+        value = frame.back(got, name, seq=seq)
+        if value is not None and on_nonzeros is not None and value.ndim == 4:
+            nb, nh = value.shape[:2]
+            if value.shape[2:] != on_nonzeros.matrix_shape:
+                raise RefattnError(f"{name}: shape {value.shape}, expected (B, H, Lq, Lk) or the values on the "
+                                   f"mask's entries {gold.shape}")
+            value = np.concatenate([value[b, h][on_nonzeros.group(b, h).toarray()]
+                                    for b in range(nb) for h in range(nh)])
+    except RefattnError as e:
+        return TensorVerdict(name, math.inf, allowed, False, str(e))
+    return compare(name, value, gold, allowed, empty)
 
 
 def plan(golden_dir=None, dtype: str = "float32", expr: str | None = None, layout: str = "bhsd",
