@@ -280,3 +280,27 @@ def returns_a_grad_tensor(q, k, v, *, mask, scale, **kw):
 @_csr
 def returns_a_string(q, k, v, *, mask, scale, **kw):
     return "out", None
+
+
+# ---- kernels that write into their inputs ------------------------------------------------------------
+
+@_csr
+def scales_q_in_place(q, k, v, *, mask, scale, **kw):
+    """Correct outputs, but q is left scaled (a kernel that pre-scales its input in place)."""
+    out, lse = _fwd(q, k, v, mask=mask, scale=scale, **kw)
+    q *= 2
+    return out, lse
+
+
+@_csr
+def backward_zeroes_dout(q, k, v, *, mask, scale, **kw):
+    return _fwd(q, k, v, mask=mask, scale=scale, **kw)
+
+
+def _zeroing_backward(q, k, v, out, lse, dout, **kw):
+    grads = _bwd(q, k, v, out, lse, dout, **kw)
+    dout[...] = 0
+    return grads
+
+
+backward_zeroes_dout.backward = _zeroing_backward

@@ -555,3 +555,15 @@ def test_a_tensor_that_requires_grad_is_read():
     pytest.importorskip("torch")
     v = verdicts(bi.returns_a_grad_tensor, "pattern-causal")["pattern-causal"]
     assert v.status == "pass", v
+
+
+def test_an_implementation_that_writes_into_its_inputs_fails(capsys):
+    v = verdicts(bi.scales_q_in_place, "pattern-causal")["pattern-causal"]
+    assert v.status == "fail"
+    assert [(t.name, t.ok) for t in v.tensors] == [("out", True), ("lse", True), ("q", False)]
+    assert v.tensors[2].note.startswith("modified in place by the forward")
+    v = verdicts(bi.backward_zeroes_dout, "pattern-causal")["pattern-causal"]
+    assert [t.name for t in v.tensors if not t.ok] == ["dout"]
+    assert "modified in place by the backward" in v.first_failure.note
+    rc, out, _ = run_verify(capsys, f"{BROKEN}:scales_q_in_place", "--filter", "pattern-causal")
+    assert rc == 1 and table(out)["pattern-causal"][:2] == ["FAIL", "q"]

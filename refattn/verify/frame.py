@@ -97,6 +97,21 @@ class Frame:
             return t.to(getattr(torch, self.dtype)) if cast else t
         return to_dtype(x, self.dtype) if cast and x.dtype != bool else x
 
+    def copy(self, x):
+        """A copy of the values of an array handed to the implementation (None for other
+        objects, which are not watched)."""
+        if isinstance(x, np.ndarray):
+            return x.copy()
+        if self.framework == "torch" and isinstance(x, self.torch.Tensor):
+            return x.detach().clone()
+        return None
+
+    def same(self, x, before) -> bool:
+        """Whether ``x`` still holds the values copied in ``before``, bit for bit."""
+        if isinstance(before, np.ndarray):
+            return x.shape == before.shape and x.tobytes() == before.tobytes()
+        return bool(x.shape == before.shape and self.torch.equal(x.detach(), before))
+
     def back(self, x, name: str, *, seq: bool = False) -> np.ndarray | None:
         """An output as a float64 BHSD NumPy array (exact); None stays None. Anything that is
         no array of real numbers (a generator, a complex array, a tensor that cannot be read)

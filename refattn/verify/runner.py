@@ -101,6 +101,7 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
     if missing:
         return CaseVerdict(cid, "unsupported", f"forward takes no {', '.join(sorted(missing))}")
     q, k, v = (frame.tensor(arrays[n], seq=True) for n in ("q", "k", "v"))
+    inputs = snapshot(frame, {"q": q, "k": k, "v": v, **{n: kwargs[n] for n in _ARRAY_KWARGS if n in kwargs}})
     allowed = entry["allowed"][dtype]
     empty_rows = np.stack([mask.row_counts(b, h) == 0 for b in range(B) for h in range(H)]).reshape(B, H, -1)
     try:
@@ -114,6 +115,7 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
         return CaseVerdict(cid, "error", message, traceback=tb)
     verdicts = [judge(frame, "out", got["out"], arrays["out"], allowed["out"], empty_rows, seq=True),
                 judge(frame, "lse", got["lse"], arrays["lse"], allowed["lse"], None)]
+    verdicts += modified(frame, inputs, "forward")
     if impl.backward is not None:
         bkw = dict(kwargs)
         if entry["dlse"]:
@@ -122,9 +124,11 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
                 return CaseVerdict(cid, "unsupported", "backward takes no dlse", verdicts)
         # the forward's own LSE; the golden one (in the dtype) when the forward gives none
         lse_in = got["lse"] if got["lse"] is not None else frame.tensor(arrays["lse"])
+        dout = frame.tensor(arrays["dout"], seq=True)
+        inputs = snapshot(frame, {**inputs, "out": got["out"], "lse": lse_in, "dout": dout,
+                                  **({"dlse": bkw["dlse"]} if "dlse" in bkw else {})})
         try:
-            g = outputs(impl.backward(q, k, v, got["out"], lse_in, frame.tensor(arrays["dout"], seq=True), **bkw),
-                         ("dq", "dk", "dv", "dbias"))
+            g = outputs(impl.backward(q, k, v, got["out"], lse_in, dout, **bkw), ("dq", "dk", "dv", "dbias"))
         except Unsupported as e:
             return CaseVerdict(cid, "unsupported", str(e) or "backward raised Unsupported", verdicts)
         except KeyboardInterrupt:
@@ -141,8 +145,26 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
                                       on_nonzeros=mask))
             else:
                 verdicts.append(judge(frame, "dbias", g["dbias"], arrays.get("dbias"), allowed["dbias"], None))
+        verdicts += modified(frame, inputs, "backward")
     failed = next((t for t in verdicts if not t.ok), None)
     return CaseVerdict(cid, "fail" if failed else "pass", "", verdicts)
+
+
+#: The keyword arguments that are arrays an implementation could write into.
+_ARRAY_KWARGS = ("mask", "mask_dense", "bias", "alibi_slopes", "dropout_keep")
+
+
+def snapshot(frame: Frame, arrays: dict) -> dict:
+    """``{name: (the object handed over, a copy of its values)}`` for the arrays among ``arrays``."""
+    copies = {name: (x, frame.copy(x)) for name, x in arrays.items()}
+    return {name: pair for name, pair in copies.items() if pair[1] is not None}
+
+
+def modified(frame: Frame, inputs: dict, who: str) -> list[TensorVerdict]:
+    """A failing verdict for each input whose values ``who`` changed in place (spec/verify.md)."""
+    return [TensorVerdict(name, math.inf, 0.0, False, f"modified in place by the {who}: an implementation "
+                          "must not write into its inputs")
+            for name, (x, before) in inputs.items() if not frame.same(x, before)]
 
 
 def judge(frame: Frame, name: str, got, gold: np.ndarray, allowed: float, empty, *, seq: bool = False,
