@@ -304,3 +304,42 @@ def _zeroing_backward(q, k, v, out, lse, dout, **kw):
 
 
 backward_zeroes_dout.backward = _zeroing_backward
+
+
+# ---- kernels that take the process down ---------------------------------------------------------
+
+def _on_gqa(q, k):
+    return q.shape[1] != k.shape[1]
+
+
+@_csr
+def segfaults_on_gqa(q, k, v, *, mask, scale, **kw):
+    """Correct, but dereferences NULL on the grouped-heads case (as a native kernel might)."""
+    if _on_gqa(q, k):
+        import ctypes
+        ctypes.string_at(0)
+    return _fwd(q, k, v, mask=mask, scale=scale, **kw)
+
+
+@_csr
+def aborts_on_gqa(q, k, v, *, mask, scale, **kw):
+    if _on_gqa(q, k):
+        import os
+        os.abort()
+    return _fwd(q, k, v, mask=mask, scale=scale, **kw)
+
+
+@_csr
+def exits_hard_on_gqa(q, k, v, *, mask, scale, **kw):
+    if _on_gqa(q, k):
+        import os
+        os._exit(3)
+    return _fwd(q, k, v, mask=mask, scale=scale, **kw)
+
+
+@_csr
+def hangs_on_gqa(q, k, v, *, mask, scale, **kw):
+    if _on_gqa(q, k):
+        import time
+        time.sleep(600)
+    return _fwd(q, k, v, mask=mask, scale=scale, **kw)

@@ -567,3 +567,47 @@ def test_an_implementation_that_writes_into_its_inputs_fails(capsys):
     assert "modified in place by the backward" in v.first_failure.note
     rc, out, _ = run_verify(capsys, f"{BROKEN}:scales_q_in_place", "--filter", "pattern-causal")
     assert rc == 1 and table(out)["pattern-causal"][:2] == ["FAIL", "q"]
+
+
+# ---- isolation: a crash or a hang costs one case ----------------------------------------------------
+
+@pytest.mark.parametrize("name, message", [
+    ("segfaults_on_gqa", "the implementation crashed the process: SIGSEGV"),
+    ("aborts_on_gqa", "the implementation crashed the process: SIGABRT"),
+    ("exits_hard_on_gqa", "the implementation ended the process with exit status 3"),
+])
+def test_isolate_turns_a_crash_into_one_error(capsys, tmp_path, name, message):
+    report = tmp_path / "v.json"
+    rc, out, _ = run_verify(capsys, f"{BROKEN}:{name}", "--filter", "pattern-causal,feature-gqa,shape-l1",
+                            "--isolate", "--json", report)
+    assert rc == 1
+    rows = table(out)
+    assert rows["feature-gqa"][0] == "ERROR" and message in " ".join(rows["feature-gqa"])
+    assert rows["pattern-causal"][0] == "pass" and rows["shape-l1"][0] == "pass"
+    assert "each case in a child process" in out.splitlines()[0]
+    assert [c["status"] for c in json.loads(report.read_text())["cases"]] == ["pass", "error", "pass"]
+
+
+def test_timeout_kills_a_hanging_case(capsys):
+    rc, out, _ = run_verify(capsys, f"{BROKEN}:hangs_on_gqa", "--filter", "pattern-causal,feature-gqa",
+                            "--timeout", "8")
+    assert rc == 1
+    rows = table(out)
+    assert rows["feature-gqa"][0] == "ERROR" and "timed out: no verdict after 8 s" in " ".join(rows["feature-gqa"])
+    assert rows["pattern-causal"][0] == "pass"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_timeout_must_be_positive_seconds(capsys, value):
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "refattn.adapters:dense", "--timeout", value])
+    assert e.value.code == 2 and "expected a number of seconds > 0" in capsys.readouterr().err
+
+
+def test_isolated_and_in_process_verdicts_agree():
+    from refattn.verify.isolate import verify_case_isolated
+
+    for cid in ("pattern-causal", "feature-dense-bias"):
+        here = verdicts(refattn.adapters.dense, cid)[cid]
+        there = verify_case_isolated("refattn.adapters:dense", None, GOLDEN, BY_ID[cid])
+        assert there == here

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -10,6 +11,7 @@ import sys
 import time
 
 from .. import verify
+from ..verify.isolate import verify_case_isolated
 from ._common import Progress, RowPrinter
 from .golden import SUITE_RULE
 
@@ -34,8 +36,22 @@ def add_verify(sub) -> None:
                    help="axis order of q, k, v, out (default bhsd)")
     p.add_argument("--framework", default="numpy", choices=list(verify.FRAMEWORKS),
                    help="give the implementation NumPy arrays (default) or torch tensors")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each case in a child process: a crash (segfault, abort, exit) is that case's ERROR")
+    p.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="a case that runs longer is killed and is an ERROR (implies --isolate)")
     p.add_argument("--json", metavar="FILE", default=None,
                    help="also write the verdicts as JSON (an error's whole traceback included)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _fmt(x: float | None) -> str:
@@ -64,6 +80,9 @@ def cmd_verify(args) -> int:
     impl = verify.load_impl(args.impl, args.backward)
     gdir, entries = verify.plan(args.golden, args.dtype, args.filter, args.layout, args.framework)
     checked = "forward and backward" if impl.backward is not None else f"forward only; {NO_BACKWARD}"
+    isolate = args.isolate or args.timeout is not None
+    if isolate:
+        checked += "; each case in a child process" + (f", {args.timeout:g} s at most" if args.timeout else "")
     print(f"{impl.name} ({args.dtype}, {args.layout}, {args.framework}) against {len(entries)} case(s) of "
           f"{gdir}: {checked}. Each row shows the failing tensor, else the one nearest its bound.", flush=True)
     headers = ["case", "status", "tensor", "error", "allowed", "ratio", "time s", "note"]
@@ -75,7 +94,11 @@ def cmd_verify(args) -> int:
         progress(i, len(entries), cid)
         t0 = time.perf_counter()
         try:
-            r = verify.verify_case(impl, gdir, entry, args.dtype, args.layout, args.framework)
+            if isolate:
+                r = verify_case_isolated(args.impl, args.backward, gdir, entry, args.dtype, args.layout,
+                                         args.framework, timeout=args.timeout)
+            else:
+                r = verify.verify_case(impl, gdir, entry, args.dtype, args.layout, args.framework)
         except KeyboardInterrupt:       # stop the run, keep what was judged
             progress.clear()
             interrupted = True
