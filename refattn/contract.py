@@ -198,10 +198,13 @@ HOST = HostArrays()
 def _real_number(x, name: str) -> float:
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
         raise RefattnError(f"{name} must be a real number, got {x!r}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise RefattnError(f"{name} must be finite, got {x}")
-    return x
+    try:
+        value = float(x)
+    except OverflowError:           # an int past float64's range, e.g. 10**400
+        raise RefattnError(f"{name} must be finite, got an integer beyond float64's range") from None
+    if not math.isfinite(value):
+        raise RefattnError(f"{name} must be finite, got {value}")
+    return value
 
 
 def make_problem(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=None,

@@ -214,7 +214,7 @@ def test_compute_dtype_and_options_are_validated(rng):
         refattn.forward(q, k, v, backend="sparse", compute_dtype="float16")
     with pytest.raises(refattn.RefattnError, match=r"takes \['block_k', 'block_q'\], got unknown \['block'\]"):
         refattn.forward(q, k, v, backend="tiled", options={"block": 4})
-    with pytest.raises(refattn.RefattnError, match=r"options\['block_q'\] must be an int >= 1"):
+    with pytest.raises(refattn.RefattnError, match=r"options\['block_q'\] must be an int in \[1, 4096\]"):
         refattn.forward(q, k, v, backend="tiled", options={"block_q": 0})
     with pytest.raises(refattn.RefattnError, match="options: expected a dict"):
         refattn.forward(q, k, v, backend="tiled", options=[("block_q", 4)])

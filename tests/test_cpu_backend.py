@@ -147,7 +147,7 @@ def test_block_sizes(pattern_name, block):
 
 def test_options_are_validated(rng):
     q, k, v = rng.standard_normal((3, 1, 1, 4, 2))
-    with pytest.raises(refattn.RefattnError, match=r"options\['block_k'\] must be an int >= 1"):
+    with pytest.raises(refattn.RefattnError, match=r"options\['block_k'\] must be an int in \[1, 4096\]"):
         refattn.forward(q, k, v, backend="cpu", options={"block_k": 0})
     with pytest.raises(refattn.RefattnError, match="compute_dtype: backend 'cpu' computes in"):
         refattn.forward(q, k, v, backend="cpu", compute_dtype=np.float16)

@@ -325,3 +325,20 @@ def test_overflowing_float32_compute_names_float32(backend):
     q = np.full((1, 1, 4, 2), 1e20, np.float32)
     with pytest.raises(RefattnError, match=r"the computation overflows float32"):
         refattn.forward(q, q.copy(), np.ones((1, 1, 4, 2), np.float32), backend=backend, compute_dtype="float32")
+
+
+@pytest.mark.parametrize("backend", ["tiled", "cpu"])
+@pytest.mark.parametrize("value", [0, 4097, 10**6, 2**70, True, 2.0])
+def test_block_sizes_are_bounded(qkv, backend, value):
+    """A tile side past 4096 (a 128 MiB float64 tile per thread) is refused up front: a block
+    of 10**6 once made the cpu backend's kernel fail with a SystemError."""
+    q, k, v = qkv
+    with pytest.raises(RefattnError, match=r"options\['block_q'\] must be an int in \[1, 4096\]"):
+        refattn.forward(q, k, v, backend=backend, options={"block_q": value})
+
+
+@pytest.mark.parametrize("scale", [10**400, -(10**400), float("inf"), float("nan")])
+def test_a_scale_beyond_float64_is_an_error(qkv, scale):
+    q, k, v = qkv
+    with pytest.raises(RefattnError, match="scale must be finite"):
+        refattn.forward(q, k, v, scale=scale)

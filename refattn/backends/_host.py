@@ -1,4 +1,5 @@
-"""Host-side preparation shared by the compiled backends (``cpu``, ``cuda``).
+"""Host-side preparation shared by the compiled backends (``cpu``, ``cuda``), and the block
+size option of the host tiled backends (``tiled``, ``cpu``: `block_size`).
 
 Flat arrays that kernels can take: the mask's CSR groups and block layout (`plan`), the
 bias and dropout as per-(b, h) offsets into flat value arrays (`bias_args`,
@@ -17,11 +18,25 @@ from ..alignment import align_offset
 from ..bias import ALiBi, SparseBias
 from ..blocks import blocks as block_layout
 from ..contract import DenseBias, Problem, dbias_result
+from ..errors import RefattnError
 
 # bias kinds, and where dbias is accumulated (row-owned terms in the dQ pass,
 # column-owned ones in the dK/dV pass)
 NO_BIAS, DENSE, SPARSE, ALIBI = 0, 1, 2, 3
 DB_NONE, DB_ROWS, DB_FULL, DB_COLS, DB_ENTRIES, DB_ALIBI = 0, 1, 2, 3, 4, 5
+
+
+#: The largest tile side of the host backends (``tiled``, ``cpu``): a 4096 x 4096 float64
+#: tile is 128 MiB per thread. A block longer than the sequence is a single block.
+MAX_HOST_BLOCK = 4096
+
+
+def block_size(value, name: str) -> int:
+    """A host backend's ``block_q`` or ``block_k`` option: an int in ``[1, MAX_HOST_BLOCK]``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or not 1 <= value <= MAX_HOST_BLOCK:
+        raise RefattnError(f"{name} must be an int in [1, {MAX_HOST_BLOCK}], got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,9 @@ from threadpoolctl import ThreadpoolController
 
 from .._tiles import lower_bound
 from ._exp import exp
-from ._host import (ALIBI, DB_ALIBI, DB_COLS, DB_ENTRIES, DB_FULL, DB_NONE, DB_ROWS, DENSE, SPARSE, Plan,
+from ._host import (ALIBI, DB_ALIBI, DB_COLS, DB_ENTRIES, DB_FULL, DB_NONE, DB_ROWS, DENSE, SPARSE, Plan, block_size,
                     bias_args, dbias_buffers, dbias_reduce, drop_args, plan)
 from ..contract import Grads, Problem, Result
-from ..errors import RefattnError
 
 COMPUTE_DTYPES = (np.float64, np.float32)
 
@@ -53,13 +52,7 @@ COMPUTE_DTYPES = (np.float64, np.float32)
 DENSE_TILE_MIN_DENSITY = 0.25
 
 
-def _block_size(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise RefattnError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
-
-
-OPTIONS = {"block_q": (_block_size, 64), "block_k": (_block_size, 64)}
+OPTIONS = {"block_q": (block_size, 64), "block_k": (block_size, 64)}
 
 _blas_controller = None
 

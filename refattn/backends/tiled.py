@@ -23,18 +23,12 @@ from ..alignment import align_offset
 from ..bias import ALiBi, SparseBias
 from ..blocks import blocks as block_layout
 from ..contract import DenseBias, Grads, Problem, Result, dbias_result, dbias_zeros
-from ..errors import RefattnError
+from ._host import block_size
 
 COMPUTE_DTYPES = (np.float64, np.float32)
 
 
-def _block_size(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise RefattnError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
-
-
-OPTIONS = {"block_q": (_block_size, 64), "block_k": (_block_size, 64)}
+OPTIONS = {"block_q": (block_size, 64), "block_k": (block_size, 64)}
 
 
 @dataclass

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..attention import _check_grads, _check_result
 from ..backends import configure, tiled
+from ..backends._host import block_size
 from ..contract import HOST, check_backward_inputs, make_problem
 from ..errors import RefattnError
 
@@ -329,9 +330,7 @@ def load(path) -> Trace:
 
 # ---- running the kernel -----------------------------------------------------------------------
 def _block(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise RefattnError(f"trace: {name} must be an int >= 1, got {value!r}")
-    return int(value)
+    return block_size(value, f"trace: {name}")
 
 
 def trace(q, k, v, mask=None, *, block_q, block_k, scale=None, softcap=None, bias=None, dropout=None,
