@@ -158,7 +158,7 @@ def check_int(value, name: str, lowest: int = 0, highest: int = MAX_PARAM) -> in
     (a NumPy integer is converted, so no later arithmetic happens in its width)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
             or not lowest <= value <= highest:
-        top = "2**40" if highest == MAX_PARAM else ("2**64 - 1" if highest == 2**64 - 1 else str(highest))
+        top = {MAX_PARAM: "2**40", 2**64 - 1: "2**64 - 1"}.get(highest, str(highest))
         raise RefattnError(f"{name} must be an int in [{lowest}, {top}], got {value!r}")
     return int(value)
 

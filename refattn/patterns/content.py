@@ -29,6 +29,15 @@ from .base import Pattern, check_bool, check_int, check_lengths, keep, query_pos
 from .stochastic import check_seed
 
 
+#: Bounds of the parameters whose cost is not the mask's size: hashing costs ``hashes x
+#: buckets / 2 x D`` per position, clustering ``iterations x clusters x D`` (spec/patterns.md,
+#: "Parameters"). Far past the published settings (Reformer: 8 rounds, tens to thousands of
+#: buckets), and short of a run that does not end.
+MAX_BUCKETS = 2**14
+MAX_HASHES = 64
+MAX_ITERATIONS = 1000
+
+
 # ---- float64 arithmetic in the stated order -----------------------------------------------------
 def ordered_dots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``x @ y.T`` for ``x (n, D)``, ``y (m, D)``, summed in increasing d with every product
@@ -133,10 +142,10 @@ class Lsh(_ContentPattern):
     name = "lsh"
 
     def __post_init__(self):
-        keep(self, "buckets", check_int, "lsh.buckets", 2)
+        keep(self, "buckets", check_int, "lsh.buckets", 2, MAX_BUCKETS)
         if self.buckets % 2:
             raise RefattnError(f"lsh.buckets must be even (argmax over x R and -x R), got {self.buckets}")
-        keep(self, "hashes", check_int, "lsh.hashes", 1)
+        keep(self, "hashes", check_int, "lsh.hashes", 1, MAX_HASHES)
         if self.chunk is not None:
             keep(self, "chunk", check_int, "lsh.chunk", 1)
         keep(self, "shared_qk", check_bool, "lsh.shared_qk")
@@ -214,8 +223,8 @@ class Routing(_ContentPattern):
     name = "routing"
 
     def __post_init__(self):
-        keep(self, "clusters", check_int, "routing.clusters", 1)
-        keep(self, "iterations", check_int, "routing.iterations", 0)
+        keep(self, "clusters", check_int, "routing.clusters", 1, MAX_BUCKETS)
+        keep(self, "iterations", check_int, "routing.iterations", 0, MAX_ITERATIONS)
         keep(self, "causal", check_bool, "routing.causal")
         keep(self, "seed", check_seed, "routing.seed")
 
