@@ -1,4 +1,6 @@
-"""The one exception type refattn raises for bad input, and the check every size goes through."""
+"""The one exception type refattn raises for bad input, and the checks every size goes through."""
+
+import os
 
 import numpy as np
 
@@ -20,3 +22,21 @@ def check_dim(value, name: str) -> int:
     if value < 1:
         raise RefattnError(f"{name} must be >= 1, got {value}")
     return int(value)
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes, where the OS says (None elsewhere)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_allocation(nbytes: int, what: str) -> None:
+    """`RefattnError` before an allocation of ``nbytes`` that this machine's physical memory
+    cannot hold: one line that names it, not a MemoryError from deep inside (or, worse, a
+    machine that swaps for minutes first)."""
+    ram = physical_memory()
+    if ram is not None and nbytes > ram:
+        raise RefattnError(f"{what} would take {nbytes / 2**30:.3g} GiB, more than this machine's "
+                           f"{ram / 2**30:.3g} GiB of memory")

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import blocks as _blocks
-from .errors import RefattnError, check_dim
+from .errors import RefattnError, check_allocation, check_dim
 from ._csr_merge import DIFFERENCE, INTERSECTION, UNION, merge
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -213,6 +213,7 @@ class Mask:
         """Every query attends every key (dense attention)."""
         lq, lk = check_dim(lq, "lq"), check_dim(lk, "lk")
         idx = _index_dtype(lq * lk, lk)
+        check_allocation(lq * lk * np.dtype(idx).itemsize, f"Mask.full({lq}, {lk}): a CSR of {lq * lk} entries")
         indptr = np.arange(lq + 1, dtype=np.int64) * lk
         indices = np.tile(np.arange(lk, dtype=idx), lq)
         return cls._single(_canonical_csr(indptr, indices, (lq, lk), "Mask.full"))

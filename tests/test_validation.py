@@ -342,3 +342,31 @@ def test_a_scale_beyond_float64_is_an_error(qkv, scale):
     q, k, v = qkv
     with pytest.raises(RefattnError, match="scale must be finite"):
         refattn.forward(q, k, v, scale=scale)
+
+
+def test_a_mask_larger_than_memory_is_refused_before_it_is_built(qkv):
+    """No mask given means every key: at Lq = Lk = 200000 that is 4e10 entries (298 GiB),
+    refused in one line instead of a MemoryError from deep inside."""
+    from refattn.errors import physical_memory
+
+    if physical_memory() is None or physical_memory() >= 2**38:
+        pytest.skip("this machine's memory is unknown or would hold the mask")
+    big = np.zeros((1, 1, 200_000, 1))
+    with pytest.raises(RefattnError, match=r"Mask.full\(200000, 200000\): a CSR of 40000000000 entries would "
+                                           r"take 298 GiB, more than this machine's"):
+        refattn.forward(big, big, big)
+    with pytest.raises(RefattnError, match=r"a mask of \d+ entries \(10000000 x 10000000\) would take"):
+        refattn.patterns.SlidingWindow(10**5, 10**5).mask(10**7, 10**7)
+    with pytest.raises(RefattnError, match=r"a 2000000000 x 2000000000 mask's row arrays would take"):
+        refattn.patterns.SlidingWindow(1, 0).mask(2 * 10**9, 2 * 10**9)
+
+
+def test_refattn_run_too_large_is_one_line(capsys):
+    from refattn.cli import main
+    from refattn.errors import physical_memory
+
+    if physical_memory() is None or physical_memory() >= 2**38:
+        pytest.skip("this machine's memory is unknown or would hold the mask")
+    assert main(["run", "--lq", "200000", "--dim", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("refattn run: error: Mask.full(200000, 200000)") and err.count("\n") == 1

@@ -55,6 +55,10 @@ def main(argv=None) -> int:
     except RefattnError as e:
         print(f"refattn {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except MemoryError as e:
+        # the last resort: sizes refattn can foresee are refused before they are allocated
+        print(f"refattn {args.command}: error: out of memory: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # The reader went away (`refattn patterns | head`): stop quietly, as other CLIs do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

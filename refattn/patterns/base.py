@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..alignment import align_offset
-from ..errors import RefattnError, check_dim
+from ..errors import RefattnError, check_allocation, check_dim
 from ..mask import Mask, _index_dtype
 from ._fill import fill, fill_blocks, fill_two_ranges
 from ._inputs import Inputs
@@ -176,15 +176,25 @@ def check_bool(value, name: str) -> bool:
     return value
 
 
+#: int64 arrays of one entry per query row that a builder holds at once (positions, row
+#: counts, ranges, the CSR's row pointers): what a mask costs before its entries.
+_ROW_ARRAYS = 6
+
+
 def check_lengths(lq, lk) -> tuple[int, int]:
-    return check_dim(lq, "lq"), check_dim(lk, "lk")
+    lq, lk = check_dim(lq, "lq"), check_dim(lk, "lk")
+    check_allocation(8 * _ROW_ARRAYS * (lq + 1) + 8 * lk, f"a {lq} x {lk} mask's row arrays")
+    return lq, lk
 
 
 def _allocate(counts: np.ndarray, lq: int, lk: int) -> tuple[np.ndarray, np.ndarray]:
     """``indptr`` (int64) from row counts and an uninitialised ``indices`` of the final dtype."""
     indptr = np.zeros(lq + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    return indptr, np.empty(int(indptr[-1]), dtype=_index_dtype(int(indptr[-1]), lk))
+    nnz = int(indptr[-1])
+    dtype = _index_dtype(nnz, lk)
+    check_allocation(nnz * np.dtype(dtype).itemsize, f"a mask of {nnz} entries ({lq} x {lk})")
+    return indptr, np.empty(nnz, dtype=dtype)
 
 
 def _finish(indptr: np.ndarray, indices: np.ndarray, lq: int, lk: int) -> Mask:
