@@ -268,3 +268,51 @@ def test_run_other_backends_and_compute_dtype(capsys, backend):
     assert got32["out"]["sum"] == pytest.approx(ref["out"]["sum"], rel=1e-4)
     rc, _, err = run_cli(capsys, "run", "--lq", "4", "--compute-dtype", "float32")
     assert rc == 1 and "backend 'dense' computes in ['float64']" in err
+
+
+# ---- hostile command lines: one line and exit 1 or 2, never a traceback ---------------------------
+
+@pytest.mark.parametrize("argv, rc, message", [
+    (["checkpoint", "--heads", "2", "--kv-heads", "3", "--layers", "1", "--seq", "8", "--dim", "8"], 1,
+     "refattn checkpoint: error: --heads 2 must be a multiple of --kv-heads 3"),
+    (["show", "causal", "--param", "x=" + "[" * 5000 + "]" * 5000], 2, "the value of 'x' is nested too deeply"),
+    (["show", "document", "--param", "lengths=5"], 1, "document.lengths must be a sequence of ints, got 5"),
+    (["show", "sliding_window", "--param", "left=1000000000000000000000000000000", "--param", "right=0"], 1,
+     "sliding_window.left must be an int in [0, 2**40]"),
+    (["verify", "refattn.adapters:dense", "--json", "/nonexistent-folder/v.json"], 1,
+     "--json /nonexistent-folder/v.json: no such folder /nonexistent-folder"),
+    (["checkpoint", "--layers", "1", "--seq", "8", "--dim", "8", "--heads", "2", "--json", "/"], 1,
+     "--json /: is a folder, not a file"),
+])
+def test_hostile_arguments_are_one_line(capsys, argv, rc, message):
+    if rc == 2:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        got = e.value.code
+    else:
+        got = main(argv)
+    err = capsys.readouterr().err
+    assert got == rc and message in err and "Traceback" not in err
+
+
+def test_a_full_disk_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "refattn", "patterns"], stdout=open("/dev/full", "w"),
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == "refattn patterns: error: cannot write: No space left on device\n"
+
+
+def test_nested_and_self_containing_pattern_dicts():
+    d = {"name": "causal"}
+    for _ in range(400):
+        d = {"name": "union", "terms": [d]}
+    with pytest.raises(refattn.RefattnError, match="nested more than 64 deep"):
+        patterns.from_dict(d)
+    loop = {"name": "union", "terms": []}
+    loop["terms"].append(loop)
+    with pytest.raises(refattn.RefattnError, match="nested more than 64 deep"):
+        patterns.from_dict(loop)
+    ok = {"name": "causal"}
+    for _ in range(60):
+        ok = {"name": "union", "terms": [ok, {"name": "causal"}]}
+    assert patterns.from_dict(ok).mask(4, 4) == patterns.Causal().mask(4, 4)

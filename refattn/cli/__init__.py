@@ -55,6 +55,13 @@ def main(argv=None) -> int:
     except RefattnError as e:
         print(f"refattn {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        # an output that cannot be written (a full disk, /dev/full, an unwritable --json): one line;
+        # what stdout still buffers goes nowhere, so that exiting adds no second error
+        where = f": {e.filename}" if e.filename else ""
+        print(f"refattn {args.command}: error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except MemoryError as e:
         # the last resort: sizes refattn can foresee are refused before they are allocated
         print(f"refattn {args.command}: error: out of memory: {e}", file=sys.stderr)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
+from ..errors import RefattnError
 from ..mask import Mask
 from ..patterns.content import sample_inputs
 
@@ -50,6 +53,22 @@ def param(text: str) -> tuple[str, object]:
         return key, json.loads(value)  # 3, [0, 9], true, "top_left"
     except json.JSONDecodeError:
         return key, value  # a bare word: a string, e.g. align=top_left
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"the value of {key!r} is nested too deeply") from None
+
+
+def check_writable(path, flag: str) -> None:
+    """`RefattnError` before a long job when its output file could not be written at the end."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise RefattnError(f"{flag} {path}: is a folder, not a file")
+    if not folder.is_dir():
+        raise RefattnError(f"{flag} {path}: no such folder {folder}")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise RefattnError(f"{flag} {path}: permission denied")
 
 
 def add_param(p) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 from .. import patterns
 from ..errors import RefattnError
 from ..train import checkpoint, model
-from ._common import RowPrinter, nonnegative_int, param, positive_int
+from ._common import RowPrinter, check_writable, nonnegative_int, param, positive_int
 
 
 def add_checkpoint(sub) -> None:
@@ -42,6 +42,10 @@ def add_checkpoint(sub) -> None:
 def cmd_checkpoint(args) -> int:
     if not 0 <= args.dropout < 1:
         raise RefattnError(f"--dropout must be in [0, 1), got {args.dropout}")
+    check_writable(args.json, "--json")
+    kv_heads = args.kv_heads or args.heads
+    if args.heads % kv_heads:
+        raise RefattnError(f"--heads {args.heads} must be a multiple of --kv-heads {kv_heads}")
     if args.dim % args.heads:
         raise RefattnError(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
     params = dict(args.param)

@@ -12,7 +12,7 @@ import time
 
 from .. import verify
 from ..verify.isolate import verify_case_isolated
-from ._common import Progress, RowPrinter
+from ._common import Progress, RowPrinter, check_writable
 from .golden import SUITE_RULE
 
 NO_BACKWARD = "backward not checked: no backward given"
@@ -77,6 +77,7 @@ def _finite(x):
 def cmd_verify(args) -> int:
     if "" not in sys.path and os.getcwd() not in sys.path:     # as `python -m`: the current folder first
         sys.path.insert(0, os.getcwd())
+    check_writable(args.json, "--json")
     impl = verify.load_impl(args.impl, args.backward)
     gdir, entries = verify.plan(args.golden, args.dtype, args.filter, args.layout, args.framework)
     checked = "forward and backward" if impl.backward is not None else f"forward only; {NO_BACKWARD}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import reprlib
+import threading
 from typing import ClassVar
 
 import numpy as np
@@ -139,12 +141,35 @@ def get(name: str, **params) -> Pattern:
     return cls._from_params(params)
 
 
+#: How deeply composites may nest in `from_dict` (a dict that contains itself nests forever).
+MAX_NESTING = 64
+_nesting = threading.local()
+
+
 def from_dict(d: dict) -> Pattern:
     """Inverse of `Pattern.to_dict`."""
     if not isinstance(d, dict) or "name" not in d:
-        raise RefattnError(f"pattern: expected a dict with a 'name' key, got {d!r}")
-    params = dict(d)
-    return get(params.pop("name"), **params)
+        raise RefattnError(f"pattern: expected a dict with a 'name' key, got {_short(d)}")
+    depth = getattr(_nesting, "depth", 0)
+    if depth >= MAX_NESTING:
+        raise RefattnError(f"pattern: composites nested more than {MAX_NESTING} deep (or a dict that contains "
+                           "itself)")
+    _nesting.depth = depth + 1
+    try:
+        params = dict(d)
+        return get(params.pop("name"), **params)
+    finally:
+        _nesting.depth = depth
+
+
+def _short(x, limit: int = 200) -> str:
+    """``repr(x)`` cut to ``limit`` characters (a repr of a deep or self-containing object is
+    no message)."""
+    try:
+        text = reprlib.repr(x)
+    except RecursionError:
+        text = f"<{type(x).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 #: The largest value of an integer pattern parameter (a width, an offset, a block, a count):

@@ -132,6 +132,8 @@ class Document(Pattern):
         if (self.lengths is None) == (self.segment_ids is None):
             raise RefattnError("document: give exactly one of lengths and segment_ids")
         if self.lengths is not None:
+            if isinstance(self.lengths, (str, bytes, dict)) or np.ndim(self.lengths) != 1:
+                raise RefattnError(f"document.lengths must be a sequence of ints, got {self.lengths!r}")
             vals = tuple(check_int(x, "document.lengths[...]", 1) for x in np.asarray(self.lengths).tolist())
             if not vals:
                 raise RefattnError("document.lengths must not be empty")

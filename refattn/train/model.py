@@ -64,6 +64,7 @@ from scipy.special import erf
 
 from ..attention import backward as _attention_backward
 from ..attention import forward as _attention_forward
+from ..errors import RefattnError
 from ..mask import Mask
 
 __all__ = [
@@ -77,7 +78,7 @@ SAVE_MODES = ("all", "selective")
 # ---- context, randomness, bookkeeping ---------------------------------------------------
 def _check_count(value, name: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        raise RefattnError(f"{name} must be an int >= 0, got {value!r}")
     return int(value)
 
 
@@ -99,7 +100,7 @@ class Context:
         _check_count(self.seed, "Context.seed")
         _check_count(self.call, "Context.call")
         if not isinstance(self.train, bool):
-            raise ValueError(f"Context.train must be a bool, got {self.train!r}")
+            raise RefattnError(f"Context.train must be a bool, got {self.train!r}")
 
 
 def keep_mask(seed: int, layer: int, call: int, index: int, shape, p: float) -> np.ndarray:
@@ -290,7 +291,7 @@ class Dropout(Module):
     def __init__(self, p: float = 0.0, *, layer: int = 0, index: int = 0):
         p = float(p)
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout p must be in [0, 1), got {p}")
+            raise RefattnError(f"dropout p must be in [0, 1), got {p}")
         self.p = p
         self.layer = _check_count(layer, "layer")
         self.index = _check_count(index, "index")
@@ -365,10 +366,10 @@ class Attention(Module):
                  options: dict | None = None, seed: int = 0, layer: int = 0,
                  rng: np.random.Generator | None = None, dtype=np.float64):
         if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
-            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+            raise RefattnError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         if head_dim is None:
             if d_model % n_heads:
-                raise ValueError(f"d_model ({d_model}) is not a multiple of n_heads ({n_heads}); give head_dim")
+                raise RefattnError(f"d_model ({d_model}) is not a multiple of n_heads ({n_heads}); give head_dim")
             head_dim = d_model // n_heads
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.pattern, self.backend, self.compute_dtype, self.options = pattern, backend, compute_dtype, options
@@ -407,7 +408,7 @@ class Attention(Module):
 
     def forward(self, x, ctx, *, save: str = "all"):
         if save not in SAVE_MODES:
-            raise ValueError(f"save must be one of {SAVE_MODES}, got {save!r}")
+            raise RefattnError(f"save must be one of {SAVE_MODES}, got {save!r}")
         p = self.params
         q = _split_heads(x @ p["wq"] + p["bq"], self.n_heads)
         k = _split_heads(x @ p["wk"] + p["bk"], self.n_kv_heads)
@@ -487,7 +488,7 @@ class Block(Module):
 
     def forward(self, x, ctx, *, save: str = "all"):
         if save not in SAVE_MODES:
-            raise ValueError(f"save must be one of {SAVE_MODES}, got {save!r}")
+            raise RefattnError(f"save must be one of {SAVE_MODES}, got {save!r}")
         s = {}
         a, s["ln1"] = self.ln1.forward(x, ctx)
         a, s["attn"] = self.attn.forward(a, ctx, save=save)
@@ -554,7 +555,7 @@ class Stack:
 
     def backward(self, dy, saved_list, ctx):
         if len(saved_list) != len(self.blocks):
-            raise ValueError(f"saved_list has {len(saved_list)} entries for {len(self.blocks)} blocks")
+            raise RefattnError(f"saved_list has {len(saved_list)} entries for {len(self.blocks)} blocks")
         for b, s in zip(reversed(self.blocks), reversed(saved_list)):
             dy = b.backward(dy, s, ctx)
         return dy
