@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from .contract import HOST, Grads, Result, check_backward_inputs, make_problem, on_cuda_device
+from .contract import HOST, Grads, Result, check_backward_inputs, check_magnitudes, make_problem, on_cuda_device
 from .errors import RefattnError
 
 
@@ -102,6 +102,8 @@ def forward(q, k, v, mask=None, *, scale=None, softcap=None, bias=None, dropout=
     arrays = _array_space(impl, backend, q=q, k=k, v=v)
     problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout,
                            arrays=arrays)
+    if arrays is HOST:
+        check_magnitudes(problem, config.compute_dtype)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as an error
         return _check_result(impl.forward(problem, config), problem, arrays, config.compute_dtype)
 
@@ -125,5 +127,7 @@ def backward(q, k, v, out, lse, dout, mask=None, *, scale=None, softcap=None, bi
     problem = make_problem(q, k, v, mask, scale=scale, softcap=softcap, bias=bias, dropout=dropout,
                            arrays=arrays)
     out, lse, dout, dlse = check_backward_inputs(problem, out, lse, dout, dlse, arrays)
+    if arrays is HOST:
+        check_magnitudes(problem, config.compute_dtype, dout)
     with np.errstate(over="ignore", invalid="ignore"):
         return _check_grads(impl.backward(problem, out, lse, dout, dlse, config), arrays, config.compute_dtype)

@@ -316,6 +316,41 @@ def check_backward_inputs(p: Problem, out, lse, dout, dlse, arrays: HostArrays =
     return arrays.to_backend(out), arrays.to_backend(lse), arrays.to_backend(dout), dlse
 
 
+def check_magnitudes(p: Problem, dtype, dout=None) -> None:
+    """The one rule on the size of finite inputs, for every backend alike (spec/semantics.md,
+    section 7): a sum that the contract lets a kernel form must not overflow the compute
+    dtype ``T``. The forward's running sum adds up to a row's count of allowed keys ``n``
+    terms of size up to ``max|v|`` (a tiled kernel's ``sum exp(s - m) v``), so
+    ``n * max|v| <= max(T)``; the backward forms ``dP = dO . V`` and ``D = dO . O`` over
+    ``Dv`` terms and adds each key's ``P dO`` over up to ``m`` queries (every query head of
+    its group), so ``Dv * max|dO| * max|v| <= max(T)`` and ``m * max|dO| <= max(T)``. Past
+    that, a `RefattnError` names the tensor: no backend computes, so none returns a number
+    another refuses. (Host arrays; a call on device arrays is judged by its results.)"""
+    top = float(np.finfo(np.dtype(dtype)).max)
+    vmax = _max_abs(p.v)
+    rows = max((int(np.diff(csr.indptr).max(initial=0)) for _, _, csr in p.mask.iter_groups()), default=0)
+    if vmax * max(rows, 1) > top:
+        raise RefattnError(f"v: max|v| = {vmax:.4g} with up to {rows} allowed keys in a row can overflow "
+                           f"{np.dtype(dtype).name} in a kernel's running sum (max|v| x keys must be <= {top:.4g}); "
+                           "refused on every backend")
+    if dout is None:
+        return
+    dmax = _max_abs(dout)
+    if p.dim_v * dmax * vmax > top:
+        raise RefattnError(f"dout: max|dout| = {dmax:.4g} times max|v| = {vmax:.4g} over Dv = {p.dim_v} terms can "
+                           f"overflow {np.dtype(dtype).name} in dP = dO . V (must be <= {top:.4g}); refused on every "
+                           "backend")
+    cols = max((int(np.bincount(csr.indices, minlength=p.lk).max(initial=0)) for _, _, csr in p.mask.iter_groups()),
+               default=0) * p.group_size
+    if dmax * max(cols, 1) > top:
+        raise RefattnError(f"dout: max|dout| = {dmax:.4g} summed over up to {cols} queries of a key can overflow "
+                           f"{np.dtype(dtype).name} in dv (must be <= {top:.4g}); refused on every backend")
+
+
+def _max_abs(x) -> float:
+    return float(np.max(np.abs(np.asarray(x, np.float64)), initial=0.0))
+
+
 # ---- dbias layout: shared bookkeeping (the arithmetic that fills it stays per backend) --
 def dbias_zeros(p: Problem, dtype=np.float64):
     """Zeros in the layout ``dbias`` takes for ``p.bias``: the dense bias's 4-D view, the

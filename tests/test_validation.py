@@ -370,3 +370,36 @@ def test_refattn_run_too_large_is_one_line(capsys):
     assert main(["run", "--lq", "200000", "--dim", "1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("refattn run: error: Mask.full(200000, 200000)") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_huge_v_is_refused_by_every_backend_alike(backend):
+    """v = 1.5e308: the oracle's P @ V stays finite, a tiled kernel's running sum does not;
+    one rule for all (spec/semantics.md, section 7): refused everywhere, named."""
+    q = np.zeros((1, 1, 4, 2))
+    v = np.full((1, 1, 4, 2), 1.5e308)
+    with pytest.raises(RefattnError, match=r"v: max\|v\| = 1\.5e\+308 with up to 4 allowed keys in a row can "
+                                           r"overflow float64"):
+        refattn.forward(q, q, v, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_at_the_bound_every_backend_computes(backend):
+    """Just inside the rule every backend returns the same finite numbers."""
+    q = np.zeros((1, 1, 4, 2))
+    v = np.full((1, 1, 4, 2), np.finfo(np.float64).max / 4 * 0.99)
+    v[0, 0, 1] *= -0.5
+    r = refattn.forward(q, q, v, backend=backend)
+    ref = refattn.forward(q, q, v)
+    assert np.isfinite(r.out).all()
+    np.testing.assert_allclose(r.out, ref.out, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_huge_dout_is_refused_by_every_backend_alike(backend):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, 4, 2)) for _ in range(3))
+    r = refattn.forward(q, k, v)
+    with pytest.raises(RefattnError, match=r"dout: max\|dout\| = 1e\+308 times max\|v\| = .* can overflow float64 "
+                                           r"in dP = dO \. V"):
+        refattn.backward(q, k, v, r.out, r.lse, np.full(r.out.shape, 1e308), backend=backend)
