@@ -123,11 +123,11 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str, **params) -> Pattern:
+def get(name: str, /, **params) -> Pattern:
     """The pattern ``name`` built with ``params``; `RefattnError` for an unknown name
     or parameter."""
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise RefattnError(f"pattern: unknown pattern {name!r}; known: {names()}")
+        raise RefattnError(f"pattern: unknown pattern {_short(name)}; known: {names()}")
     cls = _REGISTRY[name]
     allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(params) - set(allowed))
