@@ -343,3 +343,9 @@ def hangs_on_gqa(q, k, v, *, mask, scale, **kw):
         import time
         time.sleep(600)
     return _fwd(q, k, v, mask=mask, scale=scale, **kw)
+
+
+@_csr
+def asserts_on_gqa(q, k, v, *, mask, scale, **kw):
+    assert q.shape[1] == k.shape[1]
+    return _fwd(q, k, v, mask=mask, scale=scale, **kw)

@@ -611,3 +611,10 @@ def test_isolated_and_in_process_verdicts_agree():
         here = verdicts(refattn.adapters.dense, cid)[cid]
         there = verify_case_isolated("refattn.adapters:dense", None, GOLDEN, BY_ID[cid])
         assert there == here
+
+
+def test_an_assertion_without_a_message_names_its_line(capsys):
+    rc, out, _ = run_verify(capsys, f"{BROKEN}:asserts_on_gqa", "--filter", "feature-gqa")
+    line = next(x for x in out.splitlines() if x.startswith("feature-gqa "))
+    where = f"(at tests/broken_impls.py:{_line_of(bi.asserts_on_gqa, 'assert q.shape')} in asserts_on_gqa)"
+    assert rc == 1 and line.rstrip().endswith("forward raised AssertionError " + where)
