@@ -349,3 +349,17 @@ def hangs_on_gqa(q, k, v, *, mask, scale, **kw):
 def asserts_on_gqa(q, k, v, *, mask, scale, **kw):
     assert q.shape[1] == k.shape[1]
     return _fwd(q, k, v, mask=mask, scale=scale, **kw)
+
+
+@_csr
+def backward_scales_k(q, k, v, *, mask, scale, **kw):
+    return _fwd(q, k, v, mask=mask, scale=scale, **kw)
+
+
+def _k_scaling_backward(q, k, v, out, lse, dout, **kw):
+    grads = _bwd(q, k, v, out, lse, dout, **kw)
+    k *= 0.5
+    return grads
+
+
+backward_scales_k.backward = _k_scaling_backward

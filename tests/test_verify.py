@@ -565,6 +565,8 @@ def test_an_implementation_that_writes_into_its_inputs_fails(capsys):
     v = verdicts(bi.backward_zeroes_dout, "pattern-causal")["pattern-causal"]
     assert [t.name for t in v.tensors if not t.ok] == ["dout"]
     assert "modified in place by the backward" in v.first_failure.note
+    v = verdicts(bi.backward_scales_k, "pattern-causal")["pattern-causal"]      # a forward input, in the backward
+    assert [t.name for t in v.tensors if not t.ok] == ["k"]
     rc, out, _ = run_verify(capsys, f"{BROKEN}:scales_q_in_place", "--filter", "pattern-causal")
     assert rc == 1 and table(out)["pattern-causal"][:2] == ["FAIL", "q"]
 

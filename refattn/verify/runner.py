@@ -101,7 +101,8 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
     if missing:
         return CaseVerdict(cid, "unsupported", f"forward takes no {', '.join(sorted(missing))}")
     q, k, v = (frame.tensor(arrays[n], seq=True) for n in ("q", "k", "v"))
-    inputs = snapshot(frame, {"q": q, "k": k, "v": v, **{n: kwargs[n] for n in _ARRAY_KWARGS if n in kwargs}})
+    handed = {"q": q, "k": k, "v": v, **{n: kwargs[n] for n in _ARRAY_KWARGS if n in kwargs}}
+    inputs = snapshot(frame, handed)
     allowed = entry["allowed"][dtype]
     empty_rows = np.stack([mask.row_counts(b, h) == 0 for b in range(B) for h in range(H)]).reshape(B, H, -1)
     try:
@@ -125,7 +126,7 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
         # the forward's own LSE; the golden one (in the dtype) when the forward gives none
         lse_in = got["lse"] if got["lse"] is not None else frame.tensor(arrays["lse"])
         dout = frame.tensor(arrays["dout"], seq=True)
-        inputs = snapshot(frame, {**inputs, "out": got["out"], "lse": lse_in, "dout": dout,
+        inputs = snapshot(frame, {**handed, "out": got["out"], "lse": lse_in, "dout": dout,
                                   **({"dlse": bkw["dlse"]} if "dlse" in bkw else {})})
         try:
             g = outputs(impl.backward(q, k, v, got["out"], lse_in, dout, **bkw), ("dq", "dk", "dv", "dbias"))
