@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..golden import entry_id
 from .impl import load_impl
 from .runner import verify_case
 from .verdict import CaseVerdict
@@ -46,8 +47,6 @@ def verify_case_isolated(forward_spec: str, backward_spec: str | None, golden_di
     """`runner.verify_case` in a child process. A child that dies before it answers (a
     signal, an exit) or runs past ``timeout`` seconds (then it is killed) is the case's
     ERROR, saying which."""
-    from ..golden import entry_id
-
     cid = entry_id(entry)
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
