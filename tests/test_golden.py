@@ -251,11 +251,11 @@ def test_check_missing_file_in_a_full_check(capsys, suite_copy):
     assert "53 of 54 case(s) pass" in out and "intact" not in out
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [1, 3, 0, "2", None])
 def test_check_wrong_schema_version(capsys, suite_copy, version):
     _edit_manifest(suite_copy, lambda m: m.__setitem__("schema_version", version))
     out, err = _check_fails(capsys, suite_copy)
-    assert f"has schema version {version!r}; this refattn reads version 1" in err
+    assert f"has schema version {version!r}; this refattn reads version 2" in err
     assert err.startswith("refattn golden: error: ")
 
 
@@ -363,7 +363,7 @@ def test_empty_rows_feature_marks_every_case_with_empty_rows():
 
 
 def test_manifest_header_and_keys():
-    assert MANIFEST["format"] == "refattn-golden" and MANIFEST["schema_version"] == 1
+    assert MANIFEST["format"] == "refattn-golden" and MANIFEST["schema_version"] == 2
     assert MANIFEST["routes"] == ["dense", "sparse"] and MANIFEST["agreement_bound"] == 1e-13
     assert MANIFEST["input_grid"] == {"step": 1 / 64, "max_abs": 4}
     rows = SPEC.split("Each case:")[1].split("## The arrays")[0].splitlines()
@@ -690,7 +690,7 @@ def test_merging_keeps_the_suite_order_and_unknown_cases(tmp_path):
     ("{not json", "unreadable"),
     ('{"format": "something-else"}', "not a refattn golden manifest"),
     ('{"format": "refattn-golden", "schema_version": 99, "cases": []}', "schema version 99"),
-    ('{"format": "refattn-golden", "schema_version": 1, "cases": [3]}', "malformed"),
+    ('{"format": "refattn-golden", "schema_version": 2, "cases": [3]}', "malformed"),
 ])
 def test_generate_refuses_a_manifest_it_cannot_add_to(capsys, tmp_path, content, why):
     gdir = tmp_path / "g"

@@ -14,7 +14,8 @@ allowed error), `casefile` (the ``.npz`` format), `manifest` (``manifest.json``)
 """
 
 from .casefile import case_arrays, read_case, sha256, write_case
-from .cases import GRID_MAX, GRID_STEP, Case, case_mask, grid_values, id_matches, make_inputs, select, suite
+from .cases import (CASE_LIST_FORMAT, CASE_LIST_SCHEMA, GRID_MAX, GRID_STEP, TIERS, Case, case_list, case_mask,
+                    cases_from_list, grid_values, id_matches, make_inputs, read_case_list, select, suite, tier)
 from .check import CheckResult, check, check_case
 from .generate import generate
 from .locate import default_golden_dir, resolve_golden_dir
@@ -24,6 +25,7 @@ from .routes import AGREEMENT_BOUND, ROUTES, agreement, compute_case, run_route
 from .tolerance import ATOL_ULPS, BASELINE_RTOL, EPS, FACTOR, INPUT_DTYPES, TENSORS, allowed, baselines
 
 __all__ = [
+    "CASE_LIST_FORMAT", "CASE_LIST_SCHEMA", "TIERS", "case_list", "cases_from_list", "read_case_list", "tier",
     "AGREEMENT_BOUND", "ATOL_ULPS", "BASELINE_RTOL", "EPS", "FACTOR", "FORMAT", "GRID_MAX", "GRID_STEP",
     "INPUT_DTYPES", "ROUTES", "SCHEMA_VERSION", "TENSORS", "Case", "CheckResult", "agreement", "allowed",
     "baselines", "case_arrays", "case_mask", "check", "check_case", "check_entry", "entry_id", "compute_case", "default_golden_dir",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import RefattnError
 from .casefile import case_arrays, write_atomic, write_case
-from .cases import select, suite
+from .cases import Case, select, suite
 from .manifest import FORMAT, SCHEMA_VERSION, manifest_entry, manifest_header
 from .routes import compute_case
 
@@ -64,10 +64,10 @@ def existing_entries(out: Path) -> list[dict]:
     return manifest["cases"]
 
 
-def merge(kept: list[dict], fresh: dict[str, dict]) -> list[dict]:
+def merge(kept: list[dict], fresh: dict[str, dict], order: list[str]) -> list[dict]:
     """``kept`` with the ``fresh`` entries (by id) in their place, the new ones added; in the
-    built-in suite's order, then cases it does not know in their old order."""
-    order = {c.id: i for i, c in enumerate(suite())}
+    order of the ids in ``order`` (the case list generated), then the others in their old order."""
+    order = {cid: i for i, cid in enumerate(order)}
     by_id = {e["id"]: e for e in kept}
     by_id.update(fresh)
     old_position = {e["id"]: i for i, e in enumerate(kept)}
@@ -88,14 +88,15 @@ def _locked(out: Path):
         os.close(fd)                    # closing releases the lock
 
 
-def generate(out_dir, expr: str | None = None, progress=None) -> dict:
-    """Write the selected cases under ``out_dir`` and merge them into its ``manifest.json``
-    (see the module); return the manifest. ``progress(i, n, case_id)`` is called before
-    each case."""
+def generate(out_dir, expr: str | None = None, progress=None, cases: list[Case] | None = None) -> dict:
+    """Write the ``cases`` (default: the built-in suite, tier ``core``) that ``expr`` selects
+    under ``out_dir`` and merge them into its ``manifest.json`` (see the module); return the
+    manifest. ``progress(i, n, case_id)`` is called before each case."""
     out = Path(out_dir)
     _folder(out)
     existing_entries(out)               # refuse before the work, not after it
-    cases = select(suite(), expr)
+    listed = suite() if cases is None else list(cases)
+    cases = select(listed, expr)
     if not cases:
         raise RefattnError(f"--filter {expr!r} selects no case (`refattn golden list` lists them)")
     fresh = {}
@@ -108,6 +109,6 @@ def generate(out_dir, expr: str | None = None, progress=None) -> dict:
     if progress is not None:
         progress(len(cases), len(cases), "")
     with _locked(out):
-        manifest = {**manifest_header(), "cases": merge(existing_entries(out), fresh)}
+        manifest = {**manifest_header(), "cases": merge(existing_entries(out), fresh, [c.id for c in listed])}
         write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest

@@ -14,11 +14,11 @@ from .._version import __version__
 from ..errors import RefattnError
 from ..mask import Mask
 from .casefile import MAX_CASE_BYTES, MAX_MANIFEST_BYTES, check_relative, read_confined, sha256
-from .cases import GRID_MAX, GRID_STEP, Case, id_matches
+from .cases import CASE_ID, GRID_MAX, GRID_STEP, MAX_DIM, Case, id_matches
 from .routes import AGREEMENT_BOUND, ROUTES
 from .tolerance import ATOL_ULPS, EPS, FACTOR, INPUT_DTYPES, allowed, baselines
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FORMAT = "refattn-golden"
 
 
@@ -35,7 +35,8 @@ def manifest_entry(case: Case, inputs: dict, gold: dict, agree: dict, data: byte
     empty = sum(int((mask.row_counts(b, h) == 0).sum()) for b in range(case.B) for h in range(case.H))
     base = baselines(inputs, gold)
     return {
-        "id": case.id, "group": case.group, "file": f"cases/{case.id}.npz", "sha256": sha256(data),
+        "id": case.id, "case": case.to_dict(), "group": case.group, "file": f"cases/{case.id}.npz",
+        "sha256": sha256(data),
         "bytes": len(data), "pattern": case.pattern.to_dict() if case.pattern is not None else None,
         "shape": case.shape, "seed": case.seed,
         "features": list(case.features) + (["empty_rows"] if empty and "empty_rows" not in case.features else []),
@@ -82,11 +83,8 @@ def entry_id(entry) -> str:
     return cid if isinstance(cid, str) and _ID.fullmatch(cid) else "?"
 
 
-#: A case id: what a file name and a table cell can hold.
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+_ID = CASE_ID
 _SHAPE = ("B", "H", "Hkv", "Lq", "Lk", "D", "Dv")
-#: The largest length or dimension a case may declare (positions are int32 in kernels).
-MAX_DIM = 2**31 - 1
 
 
 def _is_int(x) -> bool:
