@@ -90,7 +90,7 @@ def cmd_verify(args) -> int:
     ids = [str(e.get("id", "?")) if isinstance(e, dict) else "?" for e in entries]
     table = RowPrinter(headers, [max(map(len, ids), default=4), 11, 6, 9, 9, 9, 6, 0])
     progress = Progress(lines_when_piped=False)
-    results, interrupted = [], False
+    results, seconds, interrupted = [], [], False
     for i, (cid, entry) in enumerate(zip(ids, entries)):
         progress(i, len(entries), cid)
         t0 = time.perf_counter()
@@ -105,7 +105,8 @@ def cmd_verify(args) -> int:
             interrupted = True
             break
         progress.clear()
-        table.row(_row(r, time.perf_counter() - t0))
+        seconds.append(time.perf_counter() - t0)
+        table.row(_row(r, seconds[-1]))
         results.append(r)
     count = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "error", "unsupported")}
     print(f"{count['pass']} passed, {count['fail']} failed, {count['error']} errors, "
@@ -116,11 +117,12 @@ def cmd_verify(args) -> int:
         with open(args.json, "w") as f:
             json.dump({"impl": impl.name, "dtype": args.dtype, "layout": args.layout, "framework": args.framework,
                        "golden": str(gdir), "backward_checked": impl.backward is not None,
-                       "cases": [{"id": r.case_id, "status": r.status, "message": r.message,
+                       "cases": [{"id": r.case_id, "status": r.status, "seconds": round(secs, 6),
+                                  "message": r.message,
                                   **({"traceback": r.traceback} if r.traceback else {}),
                                   "tensors": [{k: _finite(v) for k, v in {**dataclasses.asdict(t),
                                                                           "ratio": t.ratio}.items()}
-                                              for t in r.tensors]} for r in results]},
+                                              for t in r.tensors]} for r, secs in zip(results, seconds)]},
                       f, indent=1, allow_nan=False)
     if interrupted:
         return 130                      # as a shell reports SIGINT
