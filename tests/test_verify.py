@@ -622,3 +622,14 @@ def test_an_assertion_without_a_message_names_its_line(capsys):
     line = next(x for x in out.splitlines() if x.startswith("feature-gqa "))
     where = f"(at tests/broken_impls.py:{_line_of(bi.asserts_on_gqa, 'assert q.shape')} in asserts_on_gqa)"
     assert rc == 1 and line.rstrip().endswith("forward raised AssertionError " + where)
+
+
+def test_the_json_report_has_the_fields_of_the_spec(capsys, tmp_path):
+    report = tmp_path / "v.json"
+    run_verify(capsys, f"{BROKEN}:crashes_on_gqa", "--filter", "pattern-causal,feature-gqa", "--json", report)
+    data = json.loads(report.read_text())
+    assert set(data) == {"impl", "dtype", "layout", "framework", "golden", "backward_checked", "cases"}
+    ok, err = data["cases"]
+    assert set(ok) == {"id", "status", "seconds", "message", "tensors"}
+    assert set(err) == {"id", "status", "seconds", "message", "traceback", "tensors"}
+    assert set(ok["tensors"][0]) == {"name", "error", "allowed", "ok", "note", "ratio"}
