@@ -184,7 +184,7 @@ def test_closed_pipe_is_not_an_error():
     proc = subprocess.run(f"{exe} show dense --lq 2000 --max-size 2000 | head -2 | tail -1", shell=True,
                           capture_output=True, text=True)
     assert proc.stdout.strip() == "#" * 2000
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr == ""                    # quietly: no error line either (a broken pipe is no error)
 
 
 @pytest.mark.parametrize("name", patterns.names())

@@ -219,9 +219,11 @@ def test_an_object_array_is_refused(capsys, suite):
     (lambda e: e["shape"].update(B=10**7), "needs"),
     (lambda e: e["shape"].update(B=2**40), "shape must give"),
     (lambda e: e.__setitem__("bytes", 10**15), "bytes must be an int in"),
-    (lambda e: e.pop("shape"), "shape must give"),
-    (lambda e: e.pop("file"), "file must be a relative path"),
-    (lambda e: e.pop("allowed"), "allowed must be an object"),
+    (lambda e: e.pop("shape"), "missing key(s) ['shape']"),
+    (lambda e: e.pop("file"), "missing key(s) ['file']"),
+    (lambda e: e.pop("allowed"), "missing key(s) ['allowed']"),
+    (lambda e: e.pop("bias"), "missing key(s) ['bias']"),
+    (lambda e: e.__setitem__("allowed", []), "allowed must be an object"),
     (lambda e: e["mask"].__setitem__("groups", [5, 5]), "mask.groups"),
     (lambda e: e.__setitem__("scale", "0.5"), "scale must be a finite number"),
     (lambda e: e.__setitem__("sha256", "x" * 64), "sha256 must be 64"),
@@ -255,3 +257,32 @@ def test_a_deeply_nested_manifest_is_a_one_line_error(capsys, suite):
     rc = main(["golden", "check", str(suite)])
     _, err = capsys.readouterr()
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_generate_refuses_a_symlinked_cases_folder(capsys, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cases").symlink_to(elsewhere)
+    assert main(["golden", "generate", "--out", str(out), "--filter", "shape-l1"]) == 1
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_forged_entries_that_pass_the_form_check_cost_one_case(capsys, suite):
+    """Entries whose form is right but whose arrays are not what the entry needs: the verifier
+    checks them before building anything (found by review: each crashed a run)."""
+    def drop_allowed(m, e):
+        del e["allowed"]["float32"]["out"]
+    edit(suite, drop_allowed)
+    rc, rows, _, _ = verify_rows(capsys, suite)
+    assert rc == 1 and "allowed float32 must give exactly" in rows[VICTIM]
+
+
+def test_a_non_string_id_is_one_row_in_check(capsys, suite):
+    manifest = json.loads((suite / "manifest.json").read_text())
+    manifest["cases"].append({"id": 5})
+    (suite / "manifest.json").write_text(json.dumps(manifest))
+    rc, _, out, err = check_rows(capsys, suite)
+    assert rc == 1 and "3 of 4 case(s) pass" in out

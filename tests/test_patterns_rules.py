@@ -129,7 +129,7 @@ def test_mask_algebra_broadcasts_groups(rng):
     (lambda: patterns.Document(lengths=[2, 0]), r"lengths\[...\] must be an int in \[1, 2\*\*40\]"),
     (lambda: patterns.Document(lengths=[2, 3]).mask(4, 4), r"cover 5 positions; need Lq == Lk == 5"),
     (lambda: patterns.GlobalTokens([1, 1]), "must be unique"),
-    (lambda: patterns.GlobalTokens([-1]), "ints >= 0"),
+    (lambda: patterns.GlobalTokens([-1]), r"ints in \[0, 2\*\*40\]"),
     (lambda: patterns.GlobalTokens([9]).mask(4, 5), "index 9 is beyond both Lq = 4 and Lk = 5"),
     (lambda: patterns.Union(terms=(patterns.Dense(),)), "terms must be two or more patterns"),
     (lambda: patterns.from_dict({"name": "union", "terms": 3}), "'terms' must be a list"),

@@ -55,6 +55,10 @@ def main(argv=None) -> int:
     except RefattnError as e:
         print(f"refattn {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`refattn patterns | head`): stop quietly, as other CLIs do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         # an output that cannot be written (a full disk, /dev/full, an unwritable --json): one line;
         # what stdout still buffers goes nowhere, so that exiting adds no second error
@@ -66,10 +70,6 @@ def main(argv=None) -> int:
         # the last resort: sizes refattn can foresee are refused before they are allocated
         print(f"refattn {args.command}: error: out of memory: {e}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        # The reader went away (`refattn patterns | head`): stop quietly, as other CLIs do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -107,7 +107,7 @@ def _check(args) -> int:
     entries = golden.select_entries(golden.load_manifest(gdir)["cases"], args.filter, str(gdir))
     print(f"refattn golden check: {len(entries)} case(s) of {gdir}: checksums, then each case regenerated "
           f"from its seed by routes {' and '.join(golden.ROUTES)}", flush=True)
-    ids = [e.get("id", "?") if isinstance(e, dict) else "?" for e in entries]
+    ids = [golden.entry_id(e) for e in entries]
     table = RowPrinter(["status", "case", "time s", "note"], [6, max(map(len, ids), default=4), 6, 0])
     progress = Progress(lines_when_piped=False)
     failed = 0

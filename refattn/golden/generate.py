@@ -33,6 +33,9 @@ def _folder(out: Path) -> None:
         (out / "cases").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RefattnError(f"golden generate: cannot create {out / 'cases'}: {e.strerror or e}") from None
+    if (out / "cases").is_symlink():      # files are written only inside --out, never through a link
+        raise RefattnError(f"golden generate: {out / 'cases'} is a symbolic link; a suite's cases are written "
+                           "into a folder of its own")
     if not os.access(out / "cases", os.W_OK) or not os.access(out, os.W_OK):
         raise RefattnError(f"golden generate: cannot write to {out}: permission denied")
 

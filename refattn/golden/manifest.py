@@ -84,6 +84,9 @@ def entry_id(entry) -> str:
 
 
 _ID = CASE_ID
+#: The keys a reader of an entry uses (spec/golden-format.md, "manifest.json").
+_REQUIRED_KEYS = {"id", "file", "bytes", "sha256", "shape", "scale", "softcap", "bias", "dropout_p", "dlse", "mask",
+                  "allowed"}
 _SHAPE = ("B", "H", "Hkv", "Lq", "Lk", "D", "Dv")
 
 
@@ -106,6 +109,9 @@ def check_entry(entry) -> dict:
 
     if not isinstance(entry, dict):
         bad(f"expected an object, got {type(entry).__name__}")
+    missing = sorted(_REQUIRED_KEYS - set(entry))
+    if missing:
+        bad(f"missing key(s) {missing}")
     if not isinstance(entry.get("id"), str) or not _ID.fullmatch(entry["id"]):
         bad(f"id must be letters, digits, '.', '_', '+', '-' (at most 200), got {entry.get('id')!r}")
     if not isinstance(entry.get("file"), str):

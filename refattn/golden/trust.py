@@ -35,10 +35,25 @@ def _shapes(entry: dict) -> dict[str, tuple[int, ...]]:
               "dv": (B, Hkv, Lk, Dv), "mask_indptr": (bm * hm, Lq + 1), "mask_offsets": (bm * hm + 1,)}
     if entry["dlse"]:
         shapes["dlse"] = (B, H, Lq)
+    bias = entry["bias"]
+    if bias is not None and bias["kind"] == "alibi":
+        shapes["alibi_slopes"] = (H,)
+    if bias is not None and bias["kind"] == "dense":
+        shapes["bias"] = shapes["dbias"] = tuple(bias.get("shape") or ())
+    if bias is not None and bias["kind"] == "sparse":
+        shapes["bias_offsets"] = (B * H + 1,)
+    if entry["dropout_p"] is not None:
+        shapes["dropout_offsets"] = (B * H + 1,)
     return shapes
 
 
-def _check_arrays(arrays: dict, entry: dict) -> None:
+#: The tensors a case is judged on, by whether it has a bias.
+_JUDGED = ("out", "lse", "dq", "dk", "dv")
+
+
+def check_arrays(arrays: dict, entry: dict) -> None:
+    """`RefattnError` unless the case file's arrays are what ``entry`` declares (names, shapes,
+    dtypes, a valid CSR, values on the mask's entries that walk its groups)."""
     cid = entry["id"]
     for name, shape in _shapes(entry).items():
         if name not in arrays:
@@ -46,9 +61,12 @@ def _check_arrays(arrays: dict, entry: dict) -> None:
         if arrays[name].shape != shape:
             raise RefattnError(f"case {cid}: array {name!r} has shape {arrays[name].shape}, the manifest "
                                f"declares {shape}")
-    for name in ("q", "k", "v", "dout", "out", "dq", "dk", "dv"):
-        if arrays[name].dtype != np.float64 or not np.isfinite(arrays[name]).all():
+    for name in ("q", "k", "v", "dout", "out", "dq", "dk", "dv", "dlse", "bias", "dbias", "alibi_slopes"):
+        if name in arrays and (arrays[name].dtype != np.float64 or not np.isfinite(arrays[name]).all()):
             raise RefattnError(f"case {cid}: array {name!r} must be finite float64")
+    bias = entry["bias"]
+    if bias is not None and bias["kind"] == "dense" and len(arrays["bias"].shape) != 4:
+        raise RefattnError(f"case {cid}: a dense bias must be a 4-D array broadcastable to (B, H, Lq, Lk)")
     lse = arrays["lse"]
     if lse.dtype != np.float64 or np.isnan(lse).any() or (lse == np.inf).any():
         raise RefattnError(f"case {cid}: array 'lse' must be float64, finite or -inf")
@@ -62,6 +80,22 @@ def _check_arrays(arrays: dict, entry: dict) -> None:
             or (indptr[:, -1] != np.diff(offsets)).any() or (indices.size and (indices.min() < 0
                                                                                or indices.max() >= lk))):
         raise RefattnError(f"case {cid}: the mask arrays are not a valid CSR of {lq} x {lk}")
+    # values on the mask's entries, per (b, h): offsets must walk the entries of each group
+    B, H = entry["shape"]["B"], entry["shape"]["H"]
+    bm, hm = entry["mask"]["groups"]
+    per_bh = np.array([offsets[(b if bm > 1 else 0) * hm + (h if hm > 1 else 0) + 1]
+                       - offsets[(b if bm > 1 else 0) * hm + (h if hm > 1 else 0)]
+                       for b in range(B) for h in range(H)], np.int64)
+    for values, offs, dtype in (("bias_values", "bias_offsets", np.float64), ("dbias_values", "bias_offsets",
+                                                                             np.float64),
+                                ("dropout_keep", "dropout_offsets", np.uint8)):
+        if offs not in arrays:
+            continue
+        o, vals = arrays[offs], arrays.get(values)
+        if (vals is None or vals.ndim != 1 or vals.dtype != dtype or o.dtype != np.int64 or o[0] != 0
+                or not np.array_equal(np.diff(o), per_bh) or o[-1] != vals.shape[0]
+                or (dtype == np.float64 and not np.isfinite(vals).all())):
+            raise RefattnError(f"case {cid}: {values!r} and {offs!r} are not the values on the mask's entries")
 
 
 def _check_allowed(arrays: dict, entry: dict) -> None:
@@ -73,9 +107,12 @@ def _check_allowed(arrays: dict, entry: dict) -> None:
     base, allowed = entry.get("baselines"), entry["allowed"]
     if not isinstance(base, dict):
         raise RefattnError(f"case {cid}: the manifest has no baselines")
+    judged = set(_JUDGED) | ({"dbias"} if entry["bias"] is not None else set())
     for dtype, per in allowed.items():
         if dtype not in FACTOR or not isinstance(base.get(dtype), dict):
             raise RefattnError(f"case {cid}: allowed errors for an unknown dtype {dtype!r}, or without baselines")
+        if set(per) != judged:
+            raise RefattnError(f"case {cid}: allowed {dtype} must give exactly {sorted(judged)}, got {sorted(per)}")
         for name, value in per.items():
             b = base[dtype].get(name)
             key = "dbias_values" if name == "dbias" and "dbias_values" in arrays else name
@@ -99,6 +136,6 @@ def load_case(golden_dir, entry) -> dict[str, np.ndarray]:
                            f"{len(data)} bytes and SHA-256 {sha256(data)[:16]}..., the manifest says "
                            f"{entry['bytes']} bytes and {entry['sha256'][:16]}... (changed or truncated)")
     arrays = parse_case(data, f"{golden_dir}/{entry['file']}")
-    _check_arrays(arrays, entry)
+    check_arrays(arrays, entry)
     _check_allowed(arrays, entry)
     return arrays

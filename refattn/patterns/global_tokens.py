@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import RefattnError
 from ..mask import Mask
-from .base import Pattern, register
+from .base import MAX_PARAM, Pattern, register
 
 
 @register
@@ -21,11 +21,15 @@ class GlobalTokens(Pattern):
     name = "global_tokens"
 
     def __post_init__(self):
-        idx = np.asarray(self.indices)
-        if idx.size == 0:  # no global token: an empty pattern
+        try:
+            idx = np.asarray(self.indices)
+        except (ValueError, TypeError, OverflowError):
+            idx = np.asarray([], dtype=object)
+        if idx.size == 0 and idx.dtype != object:  # no global token: an empty pattern
             idx = idx.astype(np.int64)
-        if idx.ndim != 1 or idx.dtype.kind not in "iu" or (idx.size and idx.min() < 0):
-            raise RefattnError(f"global_tokens.indices must be a 1-D array of ints >= 0, got {self.indices!r}")
+        if idx.ndim != 1 or idx.dtype.kind not in "iu" or (idx.size and not 0 <= idx.min() <= idx.max() <= MAX_PARAM):
+            raise RefattnError(f"global_tokens.indices must be a 1-D array of ints in [0, 2**40], got "
+                               f"{self.indices!r}")
         if np.unique(idx).size != idx.size:
             raise RefattnError("global_tokens.indices must be unique")
         object.__setattr__(self, "indices", tuple(sorted(idx.tolist())))

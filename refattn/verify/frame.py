@@ -12,7 +12,6 @@ import scipy.sparse as sp
 
 from ..errors import RefattnError
 from ..mask import Mask
-from ..patterns import Causal
 
 LAYOUTS = ("bhsd", "bshd")
 FRAMEWORKS = ("numpy", "torch")
@@ -58,13 +57,24 @@ def dense_size_problem(what: str, shape: tuple[int, ...], hint: str = "") -> str
 
 
 def is_causal_top_left(mask: Mask) -> bool | None:
-    """True for the top-left causal mask, False for the dense one, None otherwise."""
+    """True for the top-left causal mask, False for the dense one, None otherwise; decided
+    from the CSR in O(Lq) (a canonical row of ``n`` keys that ends at key ``n - 1`` holds
+    exactly the keys ``0 .. n - 1``), building nothing the size of ``Lq x Lk``."""
     lq, lk = mask.matrix_shape
     if mask.group_shape != (1, 1):
         return None
-    if mask == Mask.full(lq, lk):
+    csr = mask.group(0, 0)
+    counts = np.diff(csr.indptr)
+    nonempty = counts > 0
+    starts_at_zero = (csr.indices[csr.indptr[:-1][nonempty]] == 0).all()
+    if not (nonempty.all() and starts_at_zero):
+        return None
+    ends = csr.indices[csr.indptr[1:] - 1]
+    if not (ends == counts - 1).all():       # with sorted unique keys: row i holds 0 .. counts[i] - 1
+        return None
+    if (counts == lk).all():
         return False
-    return True if mask == Causal(align="top_left").mask(lq, lk) else None
+    return True if np.array_equal(counts, np.minimum(np.arange(1, lq + 1), lk)) else None
 
 
 def to_dtype(x: np.ndarray, dtype: str):

@@ -29,7 +29,7 @@ def _child(conn, forward_spec: str, backward_spec: str | None, golden_dir: str, 
     try:
         verdict = verify_case(load_impl(forward_spec, backward_spec), golden_dir, entry, dtype, layout, framework)
     except BaseException as e:  # noqa: B036  a failure of the harness itself, told to the parent
-        verdict = CaseVerdict("?", "error", f"the child process failed: {type(e).__name__}: {e}")
+        verdict = CaseVerdict(entry_id(entry), "error", f"the child process failed: {type(e).__name__}: {e}")
     conn.send(verdict)
     conn.close()
 
@@ -70,6 +70,7 @@ def verify_case_isolated(forward_spec: str, backward_spec: str | None, golden_di
         child.join(_GRACE)
         if child.is_alive():
             child.kill()
+            child.join(_GRACE)
         return verdict
     if not answered:
         child.kill()

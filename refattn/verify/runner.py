@@ -44,6 +44,16 @@ def verify_case(impl: Impl, golden_dir, entry: dict, dtype: str = "float32", lay
     """Run ``impl`` on one case and judge it (spec/tolerance.md). The case is read as from
     an untrusted folder (`refattn.golden.trust`): a case that fails its checks is this
     case's ERROR, before the implementation is called."""
+    try:
+        return _verify_case(impl, golden_dir, entry, dtype, layout, framework)
+    except (KeyError, IndexError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        # the last resort for a case the checks let through that still cannot be set up:
+        # its ERROR, never the end of the run (the implementation's own failures are caught inside)
+        return CaseVerdict(golden.entry_id(entry), "error", f"the suite: the case cannot be set up: "
+                                                            f"{type(e).__name__}: {e}")
+
+
+def _verify_case(impl: Impl, golden_dir, entry: dict, dtype: str, layout: str, framework: str) -> CaseVerdict:
     cid = golden.entry_id(entry)
     try:
         arrays = load_case(golden_dir, entry)
@@ -209,7 +219,7 @@ def verify(impl: Impl, golden_dir=None, dtype: str = "float32", expr: str | None
     results = []
     for i, entry in enumerate(entries):
         if progress is not None:
-            progress(i, len(entries), entry["id"])
+            progress(i, len(entries), golden.entry_id(entry))
         results.append(verify_case(impl, gdir, entry, dtype, layout, framework))
     if progress is not None:
         progress(len(entries), len(entries), "")
