@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -124,32 +125,58 @@ def check_relative(relpath, what: str) -> Path:
 def read_confined(folder, relpath: str, limit: int, what: str) -> bytes:
     """The bytes of the regular file ``folder/relpath``, read without following a symbolic
     link below ``folder``, without blocking on a FIFO or device, and only if it holds at
-    most ``limit`` bytes; `RefattnError` naming the file otherwise."""
+    most ``limit`` bytes; `RefattnError` naming the file otherwise.
+
+    Each component below ``folder`` is opened relative to the one before it with
+    ``O_NOFOLLOW`` (and the folders with ``O_DIRECTORY``), so no link, even one swapped in
+    while the path is walked, leads out of the folder; the file's type and size are those
+    of the file opened (``fstat``), not of a name looked at before."""
     folder = Path(folder)
     rel = check_relative(relpath, what)
-    path = folder
-    for part in rel.parts:
-        path = path / part
-        try:
-            st = os.lstat(path)
-        except OSError as e:
-            raise RefattnError(f"{what}: cannot read {path}: {e.strerror or e}") from None
-        if stat.S_ISLNK(st.st_mode):
-            raise RefattnError(f"{what}: {path} is a symbolic link; a suite's files are read only as "
-                               "regular files inside its folder")
-    if not stat.S_ISREG(st.st_mode):
-        raise RefattnError(f"{what}: {path} is not a regular file")
-    if st.st_size > limit:
-        raise RefattnError(f"{what}: {path} holds {st.st_size} bytes; at most {limit} expected")
+    path = folder / rel
+    nofollow, nonblock = getattr(os, "O_NOFOLLOW", 0), getattr(os, "O_NONBLOCK", 0)
+    directory = getattr(os, "O_DIRECTORY", 0)
+
+    def refuse(err: OSError, where: Path):
+        if err.errno == errno.ELOOP or (err.errno == errno.ENOTDIR and where.is_symlink()):
+            return RefattnError(f"{what}: {where} is a symbolic link; a suite's files are read only as regular "
+                                "files inside its folder")
+        if err.errno == errno.ENOTDIR:
+            return RefattnError(f"{what}: {where} is not a folder")
+        return RefattnError(f"{what}: cannot read {where}: {err.strerror or err}")
+
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(folder, os.O_RDONLY | directory)
     except OSError as e:
-        raise RefattnError(f"{what}: cannot read {path}: {e.strerror or e}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())                   # the file opened, not the one looked at
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-            raise RefattnError(f"{what}: {path} changed while it was read")
-        data = f.read(limit + 1)
+        raise refuse(e, folder) from None
+    try:
+        at = folder
+        for part in rel.parts[:-1]:
+            at = at / part
+            try:
+                nxt = os.open(part, os.O_RDONLY | directory | nofollow, dir_fd=fd)
+            except OSError as e:
+                raise refuse(e, at) from None
+            os.close(fd)
+            fd = nxt
+        try:
+            ffd = os.open(rel.parts[-1], os.O_RDONLY | nofollow | nonblock, dir_fd=fd)
+        except OSError as e:
+            raise refuse(e, path) from None
+    finally:
+        os.close(fd)
+    try:
+        st = os.fstat(ffd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RefattnError(f"{what}: {path} is not a regular file")
+        if st.st_size > limit:
+            raise RefattnError(f"{what}: {path} holds {st.st_size} bytes; at most {limit} expected")
+        with os.fdopen(ffd, "rb") as f:
+            ffd = None                          # the file object closes it now
+            data = f.read(limit + 1)
+    finally:
+        if ffd is not None:
+            os.close(ffd)
     if len(data) > limit:
         raise RefattnError(f"{what}: {path} grew past {limit} bytes while it was read")
     return data
