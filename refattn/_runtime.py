@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import tempfile
 import threading
 
 #: The package's own folder: functions defined under it are refattn's.
@@ -58,6 +59,13 @@ def notice(message: str) -> None:
         pass
 
 
+def _user() -> str:
+    try:
+        return str(os.getuid())
+    except AttributeError:      # pragma: no cover - Windows
+        return os.environ.get("USERNAME", "user")
+
+
 def _is_refattn_file(path: str) -> bool:
     try:
         return os.path.commonpath([os.path.abspath(path), _PACKAGE_DIR]) == _PACKAGE_DIR
@@ -83,20 +91,29 @@ def install_numba_cache_locator() -> bool:
 
         _refattn = True
 
-        def __init__(self, py_func, py_file):
+        def __init__(self, py_func, py_file, root=None):
             self._py_file = py_file
             self._lineno = py_func.__code__.co_firstlineno
             # one folder per installed copy (Numba's rule: the source folder, hashed)
-            self._cache_path = os.path.join(user_cache_dir(), "numba", self.get_suitable_cache_subpath(py_file))
+            self._cache_path = os.path.join(root or os.path.join(user_cache_dir(), "numba"),
+                                            self.get_suitable_cache_subpath(py_file))
 
         def get_cache_path(self):
             return self._cache_path
 
         @classmethod
         def from_function(cls, py_func, py_file):
-            if config.CACHE_DIR or not _is_refattn_file(py_file):
+            if config.CACHE_DIR or not _is_refattn_file(py_file) or not os.path.exists(py_file):
                 return None         # NUMBA_CACHE_DIR, or not ours: Numba's own locators decide
-            return super().from_function(py_func, py_file)
+            # the user cache, else a folder of this user's in the temporary folder: never the package
+            for root in (None, os.path.join(tempfile.gettempdir(), f"refattn-numba-{_user()}")):
+                locator = cls(py_func, py_file, root)
+                try:
+                    locator.ensure_cache_path()
+                except OSError:
+                    continue
+                return locator
+            return None
 
     impl._locator_classes.insert(0, RefattnCacheLocator)
     return True

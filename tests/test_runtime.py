@@ -143,3 +143,13 @@ def test_ci_runs_the_readme_set_up_commands_verbatim():
     proc = subprocess.run(["bash", str(ROOT / ".ci" / "run"), "--print"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == commands
+
+
+def test_an_unwritable_user_cache_falls_back_to_the_temporary_folder_not_the_package():
+    import tempfile
+
+    before = numba_files(PACKAGE)
+    proc = run_python(UNION, {"XDG_CACHE_HOME": "/dev/null/cache"})     # no folder can be made there
+    assert proc.returncode == 0, proc.stderr
+    assert numba_files(PACKAGE) == before
+    assert numba_files(Path(tempfile.gettempdir()) / f"refattn-numba-{os.getuid()}")

@@ -2,7 +2,7 @@
 
 Generating into a folder that already holds a suite adds to it: the cases regenerated
 replace their old entries, every other entry is kept (a ``--filter`` never drops cases it
-did not regenerate). Each file is written atomically, and the manifest is read, merged
+did not regenerate), in the order of the case list generated. Each file is written atomically, and the manifest is read, merged
 and written under a lock on the folder, so concurrent runs into one folder keep each
 other's cases (spec/golden-format.md, "Generating into a folder").
 """
