@@ -70,8 +70,8 @@ def case_arrays(case: Case, inputs: dict, outputs: dict) -> dict[str, np.ndarray
     return {name: np.ascontiguousarray(a) for name, a in arrays.items()}
 
 
-def write_case(path, arrays: dict[str, np.ndarray]) -> bytes:
-    """Write ``arrays`` as an uncompressed ``.npz`` with fixed entry dates; return its bytes."""
+def case_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``arrays`` as the bytes of an uncompressed ``.npz`` with fixed entry dates."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in sorted(arrays):
@@ -80,21 +80,38 @@ def write_case(path, arrays: dict[str, np.ndarray]) -> bytes:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
             info.external_attr = 0o644 << 16
             zf.writestr(info, entry.getvalue())
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def write_case(path, arrays: dict[str, np.ndarray]) -> bytes:
+    """Write ``arrays`` as a case file at ``path`` (`case_bytes`, `write_atomic`); return its bytes."""
+    data = case_bytes(arrays)
     write_atomic(path, data)
     return data
 
 
-def write_atomic(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, moved into
-    place: a reader never sees half a file, and a symbolic link at ``path`` is replaced,
-    never written through."""
+def write_temporary(path, data: bytes) -> Path:
+    """``data`` in a new temporary file beside ``path`` (same folder, so that `os.replace`
+    moves it into place atomically); the caller moves or removes it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o644)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, moved into
+    place: a reader never sees half a file, and a symbolic link at ``path`` is replaced,
+    never written through."""
+    tmp = write_temporary(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -2,9 +2,11 @@
 
 Generating into a folder that already holds a suite adds to it: the cases regenerated
 replace their old entries, every other entry is kept (a ``--filter`` never drops cases it
-did not regenerate), in the order of the case list generated. Each file is written atomically, and the manifest is read, merged
-and written under a lock on the folder, so concurrent runs into one folder keep each
-other's cases (spec/golden-format.md, "Generating into a folder").
+did not regenerate), in the order of the case list generated. The case files are written
+under temporary names and moved into place, and the manifest read, merged and written, all
+under one lock on the folder: concurrent runs into one folder keep each other's cases, and
+every listed file is the one its entry describes (spec/golden-format.md, "Generating into
+a folder").
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from pathlib import Path
 
 from ..errors import RefattnError
-from .casefile import case_arrays, write_atomic, write_case
+from .casefile import case_arrays, case_bytes, write_atomic, write_temporary
 from .cases import Case, select, suite
 from .manifest import FORMAT, SCHEMA_VERSION, manifest_entry, manifest_header
 from .routes import compute_case
@@ -102,16 +104,26 @@ def generate(out_dir, expr: str | None = None, progress=None, cases: list[Case] 
     cases = select(listed, expr)
     if not cases:
         raise RefattnError(f"--filter {expr!r} selects no case (`refattn golden list` lists them)")
-    fresh = {}
-    for i, case in enumerate(cases):
+    fresh, pending = {}, []                 # case files wait under temporary names until the lock
+    try:
+        for i, case in enumerate(cases):
+            if progress is not None:
+                progress(i, len(cases), case.id)
+            inputs, gold, agree = compute_case(case)
+            data = case_bytes(case_arrays(case, inputs, gold))
+            final = out / "cases" / f"{case.id}.npz"
+            pending.append((write_temporary(final, data), final))
+            fresh[case.id] = manifest_entry(case, inputs, gold, agree, data)
         if progress is not None:
-            progress(i, len(cases), case.id)
-        inputs, gold, agree = compute_case(case)
-        data = write_case(out / "cases" / f"{case.id}.npz", case_arrays(case, inputs, gold))
-        fresh[case.id] = manifest_entry(case, inputs, gold, agree, data)
-    if progress is not None:
-        progress(len(cases), len(cases), "")
-    with _locked(out):
-        manifest = {**manifest_header(), "cases": merge(existing_entries(out), fresh, [c.id for c in listed])}
-        write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+            progress(len(cases), len(cases), "")
+        with _locked(out):                  # the files and the manifest that lists them, together
+            manifest = {**manifest_header(), "cases": merge(existing_entries(out), fresh, [c.id for c in listed])}
+            while pending:
+                tmp, final = pending.pop()
+                os.replace(tmp, final)
+            write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    finally:
+        for tmp, _ in pending:              # an error or Ctrl-C: no temporary file is left behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return manifest
