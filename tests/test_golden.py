@@ -733,3 +733,25 @@ def test_concurrent_generates_into_one_folder_keep_both(tmp_path):
             for expr in ("pattern-*", "feature-*,shape-*")]
     assert [p.wait(timeout=300) for p in runs] == [0, 0]
     assert _ids(gdir) == list(SUITE)
+
+
+def test_an_interrupted_generate_leaves_no_file_behind(tmp_path, monkeypatch):
+    """Case files wait under temporary names until the manifest is merged: a failure on the
+    second case leaves neither a temporary file nor a case file nor a manifest."""
+    real = golden.generate.__globals__["compute_case"]
+    calls = []
+
+    def failing(case):
+        calls.append(case.id)
+        if len(calls) == 2:
+            raise RefattnError("stop")
+        return real(case)
+
+    monkeypatch.setitem(golden.generate.__globals__, "compute_case", failing)
+    with pytest.raises(RefattnError, match="stop"):
+        golden.generate(tmp_path / "g", "shape-*")
+    assert list((tmp_path / "g" / "cases").iterdir()) == [] and not (tmp_path / "g" / "manifest.json").exists()
+    monkeypatch.undo()
+    golden.generate(tmp_path / "g", "shape-*")
+    names = sorted(p.name for p in (tmp_path / "g" / "cases").iterdir())
+    assert names == sorted(f"{c}.npz" for c in SUITE if c.startswith("shape-"))
