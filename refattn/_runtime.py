@@ -35,12 +35,27 @@ def user_cache_dir() -> str:
     return os.path.join(base, "refattn")
 
 
+def _numba_roots() -> tuple[str, str]:
+    """Where refattn's compiled functions may go, in order: the user cache, else a folder of
+    this user's in the temporary folder (never the installed package)."""
+    return (os.path.join(user_cache_dir(), "numba"), os.path.join(tempfile.gettempdir(), f"refattn-numba-{_user()}"))
+
+
 def numba_cache_dir() -> str:
     """Where Numba keeps refattn's compiled functions: ``NUMBA_CACHE_DIR`` when set (Numba's
-    rule), else ``user_cache_dir()/numba``."""
+    rule), else the first of `_numba_roots` that can be written."""
     from numba.core import config
 
-    return config.CACHE_DIR or os.path.join(user_cache_dir(), "numba")
+    if config.CACHE_DIR:
+        return config.CACHE_DIR
+    for root in _numba_roots():
+        try:
+            os.makedirs(root, exist_ok=True)
+            tempfile.TemporaryFile(dir=root).close()
+        except OSError:
+            continue
+        return root
+    return _numba_roots()[0]
 
 
 def quiet() -> bool:
@@ -91,12 +106,11 @@ def install_numba_cache_locator() -> bool:
 
         _refattn = True
 
-        def __init__(self, py_func, py_file, root=None):
+        def __init__(self, py_func, py_file, root):
             self._py_file = py_file
             self._lineno = py_func.__code__.co_firstlineno
             # one folder per installed copy (Numba's rule: the source folder, hashed)
-            self._cache_path = os.path.join(root or os.path.join(user_cache_dir(), "numba"),
-                                            self.get_suitable_cache_subpath(py_file))
+            self._cache_path = os.path.join(root, self.get_suitable_cache_subpath(py_file))
 
         def get_cache_path(self):
             return self._cache_path
@@ -105,8 +119,7 @@ def install_numba_cache_locator() -> bool:
         def from_function(cls, py_func, py_file):
             if config.CACHE_DIR or not _is_refattn_file(py_file) or not os.path.exists(py_file):
                 return None         # NUMBA_CACHE_DIR, or not ours: Numba's own locators decide
-            # the user cache, else a folder of this user's in the temporary folder: never the package
-            for root in (None, os.path.join(tempfile.gettempdir(), f"refattn-numba-{_user()}")):
+            for root in _numba_roots():           # never the package
                 locator = cls(py_func, py_file, root)
                 try:
                     locator.ensure_cache_path()

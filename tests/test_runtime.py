@@ -145,11 +145,12 @@ def test_ci_runs_the_readme_set_up_commands_verbatim():
     assert proc.stdout.splitlines() == commands
 
 
-def test_an_unwritable_user_cache_falls_back_to_the_temporary_folder_not_the_package():
-    import tempfile
-
+def test_an_unwritable_user_cache_falls_back_to_the_temporary_folder_not_the_package(tmp_path):
     before = numba_files(PACKAGE)
-    proc = run_python(UNION, {"XDG_CACHE_HOME": "/dev/null/cache"})     # no folder can be made there
+    # no folder can be made under /dev/null; TMPDIR makes the fallback a fresh folder of the test's
+    proc = run_python(UNION, {"XDG_CACHE_HOME": "/dev/null/cache", "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert numba_files(PACKAGE) == before
-    assert numba_files(Path(tempfile.gettempdir()) / f"refattn-numba-{os.getuid()}")
+    fallback = tmp_path / f"refattn-numba-{os.getuid()}"
+    assert numba_files(fallback)
+    assert f"then cached in {fallback}" in proc.stderr          # the notice names where it went
