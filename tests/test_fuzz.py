@@ -125,7 +125,7 @@ def test_forward_is_right_or_refuses(problem):
 
 
 @fuzz("backward")
-@given(problems(), st.sampled_from(["ok", "huge", "nan", "shape", "lse"]))
+@given(problems(), st.sampled_from(["ok"] * 4 + ["huge", "nan", "shape", "lse"]))
 def test_backward_is_right_or_refuses(problem, dout_kind):
     q, k, v, mask, options, backend, compute = problem
     with np.errstate(all="ignore"):

@@ -60,8 +60,9 @@ def test_refattn_quiet_silences_the_notices(tmp_path):
 
 
 def fed(events) -> list[str]:
-    """The notices a fresh compile notice gives for ``events``, ``(dispatcher, arg types)``
-    as Numba sends them (compiling the real kernels takes half a minute)."""
+    """The notices a fresh compile notice gives for ``events``, ``(kind, dispatcher, arg
+    types)`` with kind ``"start"`` or ``"end"`` as Numba sends them, or ``(dispatcher, arg
+    types)`` for a whole compile (compiling the real kernels takes half a minute)."""
     from types import SimpleNamespace
 
     from refattn import _runtime
@@ -71,10 +72,11 @@ def fed(events) -> list[str]:
     original = _runtime.notice
     _runtime.notice = said.append
     try:
-        for dispatcher, args in events:
+        for ev in events:
+            kinds, (dispatcher, args) = (ev[:1], ev[1:]) if isinstance(ev[0], str) else (("start", "end"), ev)
             event = SimpleNamespace(data={"dispatcher": dispatcher, "args": args})
-            notice.on_start(event)
-            notice.on_end(event)
+            for kind in kinds:
+                (notice.on_start if kind == "start" else notice.on_end)(event)
     finally:
         _runtime.notice = original
     return said
@@ -94,24 +96,12 @@ def test_the_cpu_backend_names_its_kernels_and_dtype():
 
 
 def test_nested_compiles_speak_only_at_the_outermost():
-    from types import SimpleNamespace
-
-    from refattn import _runtime
     from refattn.backends import cpu
 
-    said = []
-    notice = _runtime._CompileNotice()
-    original = _runtime.notice
-    _runtime.notice = said.append
-    try:
-        outer = SimpleNamespace(data={"dispatcher": cpu._forward_kernel, "args": ()})
-        inner = SimpleNamespace(data={"dispatcher": cpu._dq_kernel, "args": ()})
-        notice.on_start(outer)
-        notice.on_start(inner)           # compiled inside the forward: part of its wait
-        notice.on_end(inner)
-        notice.on_end(outer)
-    finally:
-        _runtime.notice = original
+    said = fed([("start", cpu._forward_kernel, ()),
+                ("start", cpu._dq_kernel, ()),          # compiled inside the forward: part of its wait
+                ("end", cpu._dq_kernel, ()),
+                ("end", cpu._forward_kernel, ())])
     assert len(said) == 1 and "forward kernel" in said[0]
 
 

@@ -80,10 +80,9 @@ def load_manifest(golden_dir) -> dict:
 def entry_id(entry) -> str:
     """A manifest entry's id for messages, whatever the entry is."""
     cid = entry.get("id") if isinstance(entry, dict) else None
-    return cid if isinstance(cid, str) and _ID.fullmatch(cid) else "?"
+    return cid if isinstance(cid, str) and CASE_ID.fullmatch(cid) else "?"
 
 
-_ID = CASE_ID
 #: The keys a reader of an entry uses (spec/golden-format.md, "manifest.json").
 _REQUIRED_KEYS = {"id", "file", "bytes", "sha256", "shape", "scale", "softcap", "bias", "dropout_p", "dlse", "mask",
                   "allowed"}
@@ -112,7 +111,7 @@ def check_entry(entry) -> dict:
     missing = sorted(_REQUIRED_KEYS - set(entry))
     if missing:
         bad(f"missing key(s) {missing}")
-    if not isinstance(entry.get("id"), str) or not _ID.fullmatch(entry["id"]):
+    if not isinstance(entry.get("id"), str) or not CASE_ID.fullmatch(entry["id"]):
         bad(f"id must be letters, digits, '.', '_', '+', '-' (at most 200), got {entry.get('id')!r}")
     if not isinstance(entry.get("file"), str):
         bad(f"file must be a relative path, got {entry.get('file')!r}")
